@@ -11,7 +11,7 @@ machine that gets busier or quieter shifts both alike. Measured:
   processes, forward, score, write scores/selected/skipped.tsv and the manifest) for each
   ``--workers`` value, ``--repeats`` times interleaved, as the median images/s and the median
   ratio to the raw forward;
-* ``iter_outputs`` alone (decode + forward, no files written) and ``decode_images`` alone,
+* the scoring engine alone (``dfkd.engine.stream``: decode + forward + per-row scores, no files) and ``decode_images`` alone,
   at the default worker count, to tell the loader's cost from select's own.
 
     python bench/select_throughput.py [--teacher CARD] [--pool DIR|INDEX] [--num 4000]
@@ -33,8 +33,8 @@ from common import CpuShare, fmt_rate, header, pool_index, random_card, raw_forw
 
 from dfkd.cards import load_card, load_model  # noqa: E402
 from dfkd.images import open_pool  # noqa: E402
-from dfkd.infer import iter_outputs  # noqa: E402
-from dfkd.runtime import default_workers, resolve_device  # noqa: E402
+from dfkd.engine import stream  # noqa: E402
+from dfkd.runtime import SINGLE_RANK, Runtime, default_workers, resolve_device  # noqa: E402
 from dfkd.select.run import select_pool  # noqa: E402
 from dfkd.train.data import decode_images  # noqa: E402
 
@@ -107,9 +107,12 @@ def main(argv=None) -> None:
                 fn()
             return n / elapsed()
 
-        def run_iter_outputs():
-            for _ in iter_outputs(model, card.input, paths, batch_size=args.batch_size, workers=default_w,
-                                  device=dev, amp=amp):
+        def run_engine():
+            rows = [{"path": p} for p in paths]
+            rt = Runtime(dev, amp, default_w, SINGLE_RANK)
+            for _ in stream(model, card.input, lambda: iter(rows), len(rows),
+                            lambda out, labels, p, errors: [(float(v),) for v in out.max(1).values], rt,
+                            batch_size=args.batch_size):
                 pass
 
         # Warm-up select on a few batches (imports, first-call allocations), then the real runs.
@@ -126,7 +129,7 @@ def main(argv=None) -> None:
 
         rows = [(f"decode_images only, {default_w} workers", timed(lambda: decode_images(
             paths, card.input, workers=default_w)), None)]
-        rows.append((f"iter_outputs, {default_w} workers", *paired(lambda: timed(run_iter_outputs))))
+        rows.append((f"scoring engine, {default_w} workers", *paired(lambda: timed(run_engine))))
         runs: dict[int, list[tuple[float, float]]] = {w: [] for w in workers_list}
         start = time.perf_counter()
         for rep in range(max(1, args.repeats)):

@@ -4,6 +4,7 @@ stdout carries only what a shell pipeline should read (the path of the main file
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from dataclasses import asdict
@@ -12,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from .console import err, progress, table
+from .console import emit, err, progress, table
 from .errors import DfkdError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -26,7 +27,9 @@ INPUT_CHANNELS = typer.Option(None, "--input-channels", help="Input channels for
 # Training commands share their loop flags (each overrides the config key of the same name).
 EPOCHS = typer.Option(None, help="Epochs (overrides the config).")
 STEPS = typer.Option(None, help="Train for this many steps instead of epochs.")
-BATCH_SIZE = typer.Option(None, help="Batch size (overrides the config).")
+BATCH_SIZE = typer.Option(None, help="Global batch size (overrides the config); under torchrun each of N ranks"
+                                      " trains on 1/N of every batch.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Start afresh in an --out that holds a run with other inputs.")
 CONFIG = typer.Option(None, help="YAML file of settings (e.g. pipelines/configs/*.yaml).")
 SET = typer.Option([], "--set", help="Override a setting: key=value (repeatable; objective.<opt>=value).")
 TRAIN_AMP = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default on).")
@@ -40,13 +43,16 @@ def command(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            fn(*args, **kwargs)
         except DfkdError as e:
             err.print(f"[bold red]dfkd {fn.__name__.rstrip('_').replace('_', '-')}: error:[/] {e}", soft_wrap=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: run the same command again to resume")
             raise typer.Exit(130)
+        from .dist import leave
+
+        leave()
 
     return app.command(fn.__name__.rstrip("_").replace("_", "-"))(wrapper)
 
@@ -61,18 +67,33 @@ def _card(path: Path, size: int | None = None, channels: int | None = None, flag
         raise DfkdError(f"{flag} {e}") from None
 
 
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise DfkdError(f"--shard {text!r}: expected I/N, e.g. 0/4 for the first of four slices") from None
+    return i, n
+
+
 @command
 def select(
-    teacher: List[Path] = typer.Option(..., help="Teacher card or TorchScript file; repeat for an ensemble."),
-    pool: Path = typer.Option(..., help="Wild pool: a directory (scanned recursively) or an index file."),
+    teacher: List[Path] = typer.Option([], help="Teacher card or TorchScript file; repeat for an ensemble."),
+    pool: Optional[Path] = typer.Option(None, help="Wild pool: a directory (scanned recursively) or an index file."),
     out: Path = typer.Option(..., help="Run directory to write scores/selected/skipped.tsv into."),
-    num: Optional[int] = typer.Option(None, help="Select this many images."),
+    num_images: Optional[int] = typer.Option(None, help="Select this many images."),
     ratio: Optional[float] = typer.Option(None, help="Select this share of the scored pool."),
     max_noise: Optional[float] = typer.Option(None, help="Keep only images with score <= this value."),
     per_class: bool = typer.Option(True, "--per-class/--global",
                                    help="Balanced quota per predicted class (default) or the paper's global top-k."),
     score: str = typer.Option("noise", help="Scorer: noise (DFND), entropy, energy, random."),
-    batch_size: int = typer.Option(256, help="Images per batch."),
+    batch_size: int = typer.Option(256, help="Images per batch (per rank under torchrun)."),
+    shard: Optional[str] = typer.Option(None, help="Score only slice I of N of the pool (I/N, from 0): for cluster"
+                                                   " jobs without torchrun; then select with --merge."),
+    merge: List[Path] = typer.Option([], help="Select from finished --shard runs (repeatable; a folder holding"
+                                              " them all will do) instead of scoring."),
+    overwrite: bool = OVERWRITE,
     workers: Optional[int] = WORKERS,
     device: str = DEVICE,
     amp: Optional[bool] = AMP,
@@ -81,26 +102,45 @@ def select(
     input_channels: Optional[int] = INPUT_CHANNELS,
 ) -> None:
     """Score every pool image with the teacher and select the most useful ones (DFND)."""
-    from .select import select_pool
+    from .select import merge_shards, select_pool
 
-    cards = [_card(t, input_size, input_channels) for t in teacher]
-    card = cards[0]
-    with progress("scoring") as update:
-        result = select_pool(cards, pool, out, num=num, ratio=ratio, max_score=max_noise,
-                             policy="per-class" if per_class else "global", score=score,
-                             batch_size=batch_size, workers=workers, device=device, amp=amp, seed=seed,
-                             on_progress=lambda d, t: update(d, t))
-    names = card.class_names
+    policy = "per-class" if per_class else "global"
+    if merge:
+        if teacher or pool or shard:
+            raise DfkdError("--merge takes the teacher and pool from the shard runs: drop --teacher, --pool, --shard")
+        result = merge_shards(merge, out, num=num_images, ratio=ratio, max_score=max_noise, policy=policy,
+                              overwrite=overwrite)
+        names = load_card_names(result)
+    else:
+        if not teacher or pool is None:
+            raise DfkdError("--teacher and --pool are required (or --merge SHARD_RUNS)")
+        cards = [_card(t, input_size, input_channels) for t in teacher]
+        names = cards[0].class_names
+        with progress("scoring") as update:
+            result = select_pool(cards, pool, out, num=num_images, ratio=ratio, max_score=max_noise,
+                                 policy=policy, score=score, batch_size=batch_size, workers=workers,
+                                 device=device, amp=amp, seed=seed, shard=_shard(shard), overwrite=overwrite,
+                                 on_progress=lambda d, t: update(d, t))
+    if result is None:  # a rank other than 0
+        return
     err.print(table("select", ["", "images"], [("pool", result.pool_size), ("skipped", result.skipped),
                                               ("scored", result.scored), ("selected", result.selected)]))
-    err.print(table("selected per teacher class", ["class", "count"],
-                    [(names[c], n) for c, n in enumerate(result.class_counts)]))
+    if "selected" in result.files:
+        err.print(table("selected per teacher class", ["class", "count"],
+                        [(names[c], n) for c, n in enumerate(result.class_counts)]))
     qs = result.score_quantiles
     err.print(table(f"{score} score", ["", *qs], [("pool", *qs.values()),
                                                 ("selected", *result.selected_quantiles.values())]))
     if result.skipped:
         err.print(f"[yellow]{result.skipped} file(s) skipped[/]: see {result.files['skipped']}")
-    print(result.files["selected"])
+    emit(result.files.get("selected", result.files["scores"]))
+
+
+def load_card_names(result) -> list[str]:
+    from .cards import load_card
+
+    manifest = json.loads(result.files["manifest"].read_text(encoding="utf-8"))
+    return load_card(manifest["inputs"]["teacher0"]["path"]).class_names
 
 
 def _loop_flags(**flags) -> dict:
@@ -125,6 +165,7 @@ def train(
     workers: Optional[int] = WORKERS,
     device: str = DEVICE,
     seed: Optional[int] = SEED,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Train a classifier with cross-entropy (a teacher for the demo, or a baseline)."""
     from .config import resolve_config
@@ -137,14 +178,16 @@ def train(
     err.print(table("config", ["key", "value"], cfg.items()))
     with _training_progress() as on_event:
         result = train_classifier(arch, data, out, loop, size=size, channels=channels, val_split=val_split,
-                                  workers=workers, device=device, on_event=on_event)
+                                  workers=workers, device=device, overwrite=overwrite, on_event=on_event)
+    if result is None:  # a rank other than 0
+        return
     rows = [("steps", result.steps), ("validation top-1 (last)", result.val_top1),
             ("validation top-1 (best)", result.best["val_top1"] if result.best else None),
             ("skipped images", result.skipped)]
     if result.resumed_from:
         rows.insert(0, ("resumed from step", result.resumed_from))
     err.print(table("train", ["", "value"], rows))
-    print(result.card)
+    emit(result.card)
 
 
 class _training_progress:
@@ -196,6 +239,7 @@ def distill(
     seed: Optional[int] = SEED,
     input_size: Optional[int] = INPUT_SIZE,
     input_channels: Optional[int] = INPUT_CHANNELS,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Distill the teacher into a student on selected/expanded images (kd, noisy, robust)."""
     from .config import resolve_config
@@ -208,7 +252,9 @@ def distill(
     err.print(table("config", ["key", "value"], [(k, v) for k, v in cfg.items()]))
     with _training_progress() as on_event:
         result = run_distill(cards, student, data, out, cfg, eval_data=eval_data, workers=workers,
-                             device=device, on_event=on_event)
+                             device=device, overwrite=overwrite, on_event=on_event)
+    if result is None:  # a rank other than 0
+        return
     rows = [("objective", result.description), ("images", result.images), ("skipped images", result.skipped),
             ("steps", result.steps), *[(f"last {k}", v) for k, v in result.last.items()
                                        if k not in ("step", "epoch", "lr")]]
@@ -217,7 +263,7 @@ def distill(
     if result.resumed_from:
         rows.insert(0, ("resumed from step", result.resumed_from))
     err.print(table("distill", ["", "value"], rows))
-    print(result.card)
+    emit(result.card)
 
 
 @command
@@ -243,6 +289,7 @@ def pu_train(
     workers: Optional[int] = WORKERS,
     device: str = DEVICE,
     seed: Optional[int] = SEED,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Train the PU classifier (nnPU risk, multi-scale SE features) of PU Compression."""
     from .config import resolve_config
@@ -255,13 +302,16 @@ def pu_train(
     with _training_progress() as on_event:
         r = run_pu(card, positive, unlabeled, out, prior, LoopConfig(**cfg), backbone=backbone,
                    taps=taps.split(",") if taps else None, reduction=reduction, beta=beta, gamma=gamma,
-                   positive_share=positive_share, workers=workers, device=device, on_event=on_event)
+                   positive_share=positive_share, workers=workers, device=device, overwrite=overwrite,
+                   on_event=on_event)
+    if r is None:  # a rank other than 0
+        return
     err.print(table("pu-train", ["", "value"], [
         ("teacher weights loaded into the backbone", r.matched_keys), ("positives (training)", r.positives),
         ("unlabeled", r.unlabeled), ("skipped images", r.skipped), ("steps", r.steps),
         ("held-out positives scored positive", r.heldout_positive_recall),
         ("pool scored positive", r.pool_positive_share), ("prior", r.prior)]))
-    print(r.card)
+    emit(r.card)
 
 
 @command
@@ -271,7 +321,8 @@ def expand(
     unlabeled: Path = UNLABELED,
     out: Path = typer.Option(..., help="Run directory (expanded.tsv, pu_scores.tsv, skipped.tsv)."),
     threshold: float = typer.Option(0.0, help="Keep pool images with g(x) > threshold (reference: 0)."),
-    num: Optional[int] = typer.Option(None, help="Keep the top N pool images instead of a threshold."),
+    num_images: Optional[int] = typer.Option(None, help="Keep the top N pool images instead of a threshold."),
+    overwrite: bool = OVERWRITE,
     repeat_positive: int = typer.Option(1, help="Write the positives this many times."),
     teacher: Optional[Path] = typer.Option(None, help="Teacher card for per-class counts (default: the PU card's)."),
     batch_size: int = typer.Option(256),
@@ -283,16 +334,18 @@ def expand(
     from .pu.expand import expand as run_expand
 
     with progress("scoring") as update:
-        r = run_expand(pu, positive, unlabeled, out, threshold=threshold, num=num, repeat_positive=repeat_positive,
-                       teacher=teacher, batch_size=batch_size, workers=workers, device=device, amp=amp,
-                       on_progress=update)
+        r = run_expand(pu, positive, unlabeled, out, threshold=threshold, num=num_images,
+                       repeat_positive=repeat_positive, teacher=teacher, batch_size=batch_size, workers=workers,
+                       device=device, amp=amp, overwrite=overwrite, on_progress=update)
+    if r is None:  # a rank other than 0
+        return
     err.print(table("expand", ["", "images"], [("pool", r.pool_size), ("skipped", r.skipped),
                                               ("selected from the pool", r.selected),
                                               ("share of the pool", round(r.selected / max(1, r.pool_size), 4)),
                                               ("positives", r.positives)]))
     if r.class_counts is not None:
         err.print(table("selected per teacher class", ["class", "count"], zip(r.classes, r.class_counts)))
-    print(r.files["expanded"])
+    emit(r.files["expanded"])
 
 
 @command
@@ -307,7 +360,7 @@ def export(
     result = export_model(_card(model, flag="--model"), format, out)
     err.print(table("export", ["", "value"], [("format", result.format), ("samples compared", result.samples),
                                              ("max |difference| of logits", result.max_abs_diff)]))
-    print(result.path)
+    emit(result.path)
 
 
 @command
@@ -318,7 +371,7 @@ def report(
     """A self-contained HTML page of a run: score histograms, class counts, image grids, curves, accuracy."""
     from .report import write_report
 
-    print(write_report(run_dir, out))
+    emit(write_report(run_dir, out))
 
 
 @command
@@ -327,6 +380,7 @@ def eval_(
     data: Path = typer.Option(..., help="Labeled images: ImageFolder directory or index with a label column."),
     out: Optional[Path] = typer.Option(None, help="Directory to write eval.json into."),
     write_card: bool = typer.Option(False, "--write-card", help="Store accuracy and class_accuracy in the card."),
+    overwrite: bool = OVERWRITE,
     batch_size: int = typer.Option(256),
     workers: Optional[int] = WORKERS,
     device: str = DEVICE,
@@ -338,9 +392,22 @@ def eval_(
     from .evaluate import evaluate, save_eval, write_accuracy_to_card
 
     card = _card(model, input_size, input_channels, flag="--model")
-    with progress("evaluating") as update:
-        result = evaluate(card, data, batch_size=batch_size, workers=workers, device=device, amp=amp,
-                          on_progress=update)
+    with contextlib.ExitStack() as stack:
+        if out:  # one run per directory, bound to this model and data
+            from .pool import data_digest
+            from .rundir import open_run
+            from .runtime import setup
+            from .teacher import card_digest
+
+            run = stack.enter_context(open_run(out, "eval", setup(device, amp, workers).ranks))
+            run.claim({"model": card_digest(card), "data": data_digest(data)}, overwrite)
+        with progress("evaluating") as update:
+            result = evaluate(card, data, batch_size=batch_size, workers=workers, device=device, amp=amp,
+                              on_progress=update)
+        if result is None:  # a rank other than 0
+            return
+        if out:
+            emit(save_eval(result, out))
     names = result.classes
     err.print(table("per class", ["class", "images", "top-1"],
                     [(names[i], result.class_support[i], result.class_accuracy[i]) for i in range(len(names))]))
@@ -354,10 +421,8 @@ def eval_(
     if write_card:
         write_accuracy_to_card(card, result)
         err.print(f"accuracy written to {card.path}")
-    if out:
-        print(save_eval(result, out))
-    else:
-        print(json.dumps({"top1": result.top1, "top5": result.top5}))
+    if not out:
+        emit(json.dumps({"top1": result.top1, "top5": result.top5}))
 
 
 @command

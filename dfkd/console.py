@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterable
 
 from rich.console import Console
@@ -10,7 +11,14 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
-err = Console(stderr=True, highlight=False)
+MAIN = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints
+err = Console(stderr=True, highlight=False, quiet=not MAIN)
+
+
+def emit(text: object) -> None:
+    """Write what a shell pipeline reads (a path) to stdout: rank 0 only."""
+    if MAIN:
+        print(text, flush=True)
 
 
 class RateColumn(ProgressColumn):

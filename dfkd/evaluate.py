@@ -7,12 +7,13 @@ from typing import Callable
 
 import torch
 
-from .cards import ModelCard, load_model, update_card
+from .cards import ModelCard, update_card
+from .engine import stream
 from .errors import DfkdError
 from .images import open_labeled
-from .infer import iter_outputs
 from .io import write_json
-from .runtime import default_workers, resolve_device
+from .runtime import setup
+from .teacher import load_teacher
 
 
 @dataclass
@@ -29,35 +30,43 @@ class EvalResult:
 
 def evaluate(card: ModelCard, data: str | Path, *, batch_size: int = 256, workers: int | None = None,
              device: str = "auto", amp: bool | None = None,
-             on_progress: Callable[[int, int], None] | None = None) -> EvalResult:
-    """Evaluate ``card`` on an ImageFolder/index (folders matched to the card's ``classes``)."""
-    dev = resolve_device(device)
-    amp = dev.type == "cuda" if amp is None else amp
+             on_progress: Callable[[int, int], None] | None = None) -> EvalResult | None:
+    """Evaluate ``card`` on an ImageFolder/index (folders matched to the card's ``classes``).
+
+    Under torchrun the images are sharded over the ranks; rank 0 returns the result."""
+    rt = setup(device, amp, workers)
     index, _ = open_labeled(data, card.classes)
     labels = index.labels()
     k = card.num_classes
     bad = [y for y in labels if not 0 <= y < k]
     if bad:
         raise DfkdError(f"--data {data}: label {bad[0]} is outside the model's {k} classes")
-    model = load_model(card, dev)
-    confusion = torch.zeros(k, k, dtype=torch.long)
-    top5_hits, n, skipped = 0, 0, []
-    for pos, logits, y, errors in iter_outputs(model, card.input, index.paths, labels=labels,
-                                               batch_size=batch_size, workers=default_workers(dev)
-                                               if workers is None else workers, device=dev, amp=amp):
+    teacher = load_teacher(card, rt.device)
+
+    def rows(logits: torch.Tensor, y: torch.Tensor, paths, errors) -> list[tuple]:
         if logits.shape[1] != k:
             raise DfkdError(f"{card.path}: model outputs {logits.shape[1]} classes, card says {k}")
-        ok = torch.tensor([not e for e in errors], dtype=torch.bool)
-        skipped += [{"path": index.paths[p], "reason": e} for p, e in zip(pos.tolist(), errors) if e]
-        logits, y = logits[ok], y[ok]
-        if not torch.isfinite(logits).all():
+        if not torch.isfinite(logits[torch.tensor([not e for e in errors], dtype=torch.bool)]).all():
             raise DfkdError(f"{card.path}: the model produced NaN/inf outputs")
-        confusion += torch.bincount(y * k + logits.argmax(1), minlength=k * k).view(k, k)
-        if k > 5:
-            top5_hits += int((logits.topk(5, dim=1).indices == y[:, None]).any(1).sum())
-        n += len(y)
-        if on_progress:
-            on_progress(int(pos[-1]) + 1, len(index))
+        top5 = (logits.topk(min(5, k), dim=1).indices == y[:, None]).any(1).tolist()
+        return list(zip(logits.argmax(1).tolist(), top5, y.tolist(), paths, errors))
+
+    confusion = torch.zeros(k, k, dtype=torch.long)
+    top5_hits, n, done, skipped = 0, 0, 0, []
+    for got in stream(teacher.model, card.input, lambda: iter(index.rows), len(index), rows, rt,
+                      batch_size=batch_size):
+        for pred, hit, y, path, error in got:
+            if error:
+                skipped.append({"path": path, "reason": error})
+                continue
+            confusion[y, pred] += 1
+            top5_hits += hit
+            n += 1
+        done += len(got)
+        if on_progress and rt.ranks.main:
+            on_progress(done, len(index))
+    if not rt.ranks.main:
+        return None
     if n == 0:
         raise DfkdError(f"--data {data}: no image could be decoded")
     support = confusion.sum(1)

@@ -18,6 +18,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import DfkdError
 from .index import Index, read_index
+from .pool import pool_rows, walk_files
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 MAX_PIXELS = 64_000_000  # larger images are treated as decompression bombs and skipped
@@ -166,24 +167,11 @@ def normalize(batch: torch.Tensor, spec: InputSpec, device: torch.device,
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def scan_files(root: str | Path) -> list[str]:
-    """Every non-hidden regular file below ``root``, sorted by relative path (deterministic)."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
-    return out
-
-
 def open_pool(path: str | Path, flag: str = "--pool") -> Index:
     """A pool: a directory scanned recursively (every file is tried) or an index file."""
-    path = Path(path)
-    if path.is_dir():
-        index = Index(["path"], [{"path": str(Path(p).resolve())} for p in scan_files(path)], path)
-    elif path.is_file():
-        index = read_index(path)
-    else:
-        raise DfkdError(f"{flag} {path}: no such directory or index file")
+    path, problems = Path(path), []
+    columns, rows = pool_rows(path, flag, problems)
+    index = Index(columns, list(rows), path, problems)
     if not index.rows:
         raise DfkdError(f"{flag} {path}: the pool is empty (no files found)")
     return index
@@ -213,8 +201,8 @@ def open_labeled(path: str | Path, classes: Sequence[str] | None = None,
     if unknown:
         raise DfkdError(f"{flag} {path}: folder(s) {', '.join(unknown)} are not classes of the model"
                         f" ({', '.join(names)})")
-    rows = [{"path": str(Path(p).resolve()), "label": str(names.index(f))}
-            for f in folders for p in scan_files(path / f)]
+    problems: list[dict] = []
+    rows = [{"path": p, "label": str(names.index(f))} for f in folders for p in walk_files(path / f, problems)]
     if not rows:
         raise DfkdError(f"{flag} {path}: no image files in the class folders")
-    return Index(["path", "label"], rows, path), names
+    return Index(["path", "label"], rows, path, problems), names

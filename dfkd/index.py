@@ -6,9 +6,10 @@ absolute or relative to the index file's directory; optional ``label`` (int, -1 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from .errors import DfkdError
 from .io import atomic_write
@@ -21,6 +22,7 @@ class Index:
     columns: list[str]
     rows: list[dict[str, str]] = field(default_factory=list)
     source: Path | None = None
+    problems: list[dict] = field(default_factory=list)  # folders/files a walk could not list
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -52,40 +54,61 @@ def check_path_text(path: str) -> str:
     return path
 
 
-def read_index(path: str | Path) -> Index:
-    """Read an index file, resolving relative paths against its directory."""
+def open_index(path: str | Path) -> tuple[list[str], Iterator[dict[str, str]]]:
+    """The columns of an index file and a stream of its rows (relative paths resolved against
+    its directory), read line by line: memory does not grow with the file."""
     path = Path(path)
     if not path.is_file():
         raise DfkdError(f"{path}: index file not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8", newline="") as f:
+            header = f.readline()
     except UnicodeDecodeError as e:
         raise DfkdError(f"{path}: not a UTF-8 index file ({e.reason} at byte {e.start})") from None
-    lines = text.splitlines()
-    if not lines:
+    except OSError as e:
+        raise DfkdError(f"{path}: cannot read ({e.strerror})") from None
+    if not header.strip("\r\n"):
         raise DfkdError(f"{path}: empty index file (expected a header line with a 'path' column)")
-    columns = lines[0].split("\t")
+    columns = header.rstrip("\r\n").split("\t")
     if "path" not in columns:
         raise DfkdError(f"{path}: header has no 'path' column (got: {', '.join(columns)});"
                         " an index file is tab-separated with a header line")
     if len(set(columns)) != len(columns):
         raise DfkdError(f"{path}: header repeats a column name")
+    return columns, _rows(path, columns)
+
+
+def _rows(path: Path, columns: list[str]) -> Iterator[dict[str, str]]:
     base = path.resolve().parent
-    rows = []
-    for n, line in enumerate(lines[1:], start=2):
-        if not line:
-            continue
-        cells = line.split("\t")
-        if len(cells) != len(columns):
-            raise DfkdError(f"{path}: line {n} has {len(cells)} fields, the header has {len(columns)}")
-        row = dict(zip(columns, cells))
-        if not row["path"]:
-            raise DfkdError(f"{path}: line {n} has an empty path")
-        row["path"] = str(base / row["path"]) if not Path(row["path"]).is_absolute() else row["path"]
-        rows.append(row)
-    index = Index(columns, rows, path)
-    index.labels()  # validates the label column up front
-    return index
+    has_label = "label" in columns
+    with open(path, encoding="utf-8", newline="") as f:
+        f.readline()
+        n = 1
+        try:
+            for line in f:
+                n += 1
+                line = line.rstrip("\r\n")
+                if not line:
+                    continue
+                cells = line.split("\t")
+                if len(cells) != len(columns):
+                    raise DfkdError(f"{path}: line {n} has {len(cells)} fields, the header has {len(columns)}")
+                row = dict(zip(columns, cells))
+                if not row["path"]:
+                    raise DfkdError(f"{path}: line {n} has an empty path")
+                if not os.path.isabs(row["path"]):
+                    row["path"] = str(base / row["path"])
+                if has_label:
+                    parse_label(row["label"], path, n - 2)
+                yield row
+        except UnicodeDecodeError as e:
+            raise DfkdError(f"{path}: not a UTF-8 index file (line {n + 1}: {e.reason})") from None
+
+
+def read_index(path: str | Path) -> Index:
+    """Read a whole index file into memory, resolving relative paths against its directory."""
+    columns, rows = open_index(path)
+    return Index(columns, list(rows), Path(path))
 
 
 def format_cell(value: object) -> str:

@@ -1,7 +1,25 @@
-"""Run directories: ``manifest.json`` (command, options, versions, seeds, input hashes)."""
+"""Run directories: one run at a time (a lock), one set of inputs (``run.json``), a manifest.
+
+Every command that writes into ``--out`` opens it with :func:`open_run`:
+
+* **Lock.** ``OUT/.lock`` is held with ``flock`` for the whole run by rank 0 (the job holds it,
+  not each rank). A second run into the same directory fails at once, naming the process that
+  holds it. The kernel drops the lock when its process dies, so a lock left by a killed run is
+  simply taken over.
+* **Inputs.** ``OUT/run.json`` records the command and the identity of its inputs (content
+  hashes of cards, weights and index files, the listing of a folder, the config). A later run
+  with the same identity resumes; with another it is refused, unless ``--overwrite`` clears
+  the run's state first.
+* Temporary files left by a killed atomic write (``.NAME.*.tmp``) are removed.
+"""
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import platform
+import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -10,7 +28,12 @@ from typing import Any
 import torch
 
 from . import __version__
+from .dist import SINGLE, Ranks
+from .errors import DfkdError
 from .io import file_sha256, write_json
+
+# What a run keeps between attempts; --overwrite removes it (outputs are rewritten anyway).
+STATE = ("run.json", "checkpoints", "metrics.jsonl", ".scoring", "class_counts.json")
 
 
 def input_hashes(paths: dict[str, str | Path | None]) -> dict[str, dict]:
@@ -22,6 +45,109 @@ def input_hashes(paths: dict[str, str | Path | None]) -> dict[str, dict]:
         p = Path(p)
         out[name] = {"path": str(p.resolve()), "sha256": file_sha256(p) if p.is_file() else None}
     return out
+
+
+class RunDir:
+    """An opened ``--out``: locked by rank 0 until :meth:`close`."""
+
+    def __init__(self, path: Path, command: str, ranks: Ranks):
+        self.path, self.command, self.ranks = path, command, ranks
+        self._lock = None
+        self.resumed = False
+
+    def _acquire(self) -> None:
+        out = self.path
+        if out.exists() and not out.is_dir():
+            raise DfkdError(f"--out {out}: is a file, not a directory")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            f = open(out / ".lock", "a+", encoding="utf-8")
+        except OSError as e:
+            raise DfkdError(f"--out {out}: cannot write there ({e.strerror})") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise DfkdError(f"--out {out}: another dfkd run is using this directory ({holder});"
+                            " wait for it to finish or use another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, dfkd {self.command},"
+                f" since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self._lock = f
+        for sub in (out, out / "checkpoints"):
+            for tmp in sub.glob(".*.tmp") if sub.is_dir() else ():
+                tmp.unlink(missing_ok=True)
+
+    def claim(self, identity: dict, overwrite: bool = False) -> bool:
+        """Bind the directory to ``identity`` (JSON-able); True when it already was (a resume)."""
+        error = None
+        if self.ranks.main:
+            try:
+                self.resumed = self._claim(json.loads(json.dumps(identity, default=str)), overwrite)
+            except DfkdError as e:
+                error = str(e)
+        self.ranks.agree(error)
+        self.resumed = self.ranks.broadcast(self.resumed)
+        return self.resumed
+
+    def _claim(self, identity: dict, overwrite: bool) -> bool:
+        saved_path = self.path / "run.json"
+        record = {"command": self.command, "inputs": identity}
+        if saved_path.is_file():
+            try:
+                saved = json.loads(saved_path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                saved = {}
+            if saved == record:
+                return True
+            if not overwrite:
+                what = "a run of another command" if saved.get("command") != self.command else \
+                    "a run with other inputs (" + ", ".join(_differences(saved.get("inputs") or {}, identity)) + ")"
+                raise DfkdError(f"--out {self.path}: holds {what}; use another --out, or --overwrite to"
+                                " start this run afresh there")
+        if overwrite:
+            self.clear()
+        write_json(saved_path, record)
+        return False
+
+    def clear(self) -> None:
+        for name in STATE:
+            p = self.path / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _differences(a: dict, b: dict) -> list[str]:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return keys[:4] or ["unknown"]
+
+
+def open_run(out: str | Path, command: str, ranks: Ranks = SINGLE) -> RunDir:
+    """Lock ``out`` for this run (rank 0); every rank fails together when it cannot."""
+    run = RunDir(Path(out), command, ranks)
+    error = None
+    if ranks.main:
+        try:
+            run._acquire()
+        except DfkdError as e:
+            error = str(e)
+    ranks.agree(error)
+    return run
 
 
 def write_manifest(out: str | Path, command: str, options: dict[str, Any],

@@ -4,8 +4,11 @@ from __future__ import annotations
 import contextlib
 import os
 
+from dataclasses import dataclass
+
 import torch
 
+from .dist import SINGLE as SINGLE_RANK, Ranks, join
 from .errors import DfkdError
 
 
@@ -42,3 +45,27 @@ def loader(dataset, batch_size: int, workers: int, device: torch.device, **kw) -
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if workers else None, **kw)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a command runs its models: device, autocast, decoding workers, ranks."""
+
+    device: torch.device
+    amp: bool
+    workers: int
+    ranks: Ranks
+
+    def options(self) -> dict:
+        return {"device": str(self.device), "amp": self.amp, "workers": self.workers, "ranks": self.ranks.world}
+
+
+def setup(device: str = "auto", amp: bool | None = None, workers: int | None = None) -> Runtime:
+    """The one place a command's device, autocast (default: on for CUDA) and workers are decided;
+    under torchrun it joins the group and takes this rank's GPU."""
+    if workers is not None and workers < 0:
+        raise DfkdError(f"--workers {workers}: must be 0 or more")
+    ranks, rank_device = join(device)
+    dev = rank_device or resolve_device(device)
+    return Runtime(dev, dev.type == "cuda" if amp is None else amp,
+                   default_workers(dev) if workers is None else workers, ranks)

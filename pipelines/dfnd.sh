@@ -20,7 +20,7 @@ NUM=${NUM:-2000} STUDENT=${STUDENT:-resnet8} SEED=${SEED:-0}
 CONFIG=${CONFIG:-$here/configs/dfnd-default.yaml}
 
 [ -f "$out/select/manifest.json" ] || \
-  dfkd select "${teachers[@]}" --pool "$pool" --out "$out/select" --num "$NUM" --seed "$SEED" \
+  dfkd select "${teachers[@]}" --pool "$pool" --out "$out/select" --num-images "$NUM" --seed "$SEED" \
     ${SELECT_ARGS:-} >/dev/null
 [ -f "$out/distill/manifest.json" ] || \
   dfkd distill "${teachers[@]}" --student "$STUDENT" --data "$out/select/selected.tsv" \

@@ -71,12 +71,23 @@ def test_interrupted_distill_resumes_to_identical_weights(tmp_path, digits_folde
         assert torch.equal(ca["base.theta"], cb["base.theta"]) and ca["base.theta"].abs().sum() > 0  # θ learned, resumed
 
 
-def test_resume_with_another_config_is_refused(tmp_path, digits_folders, digits_teacher):
+def test_resume_with_other_inputs_is_refused_unless_overwrite(tmp_path, digits_folders, digits_teacher):
     teacher = load_card(digits_teacher)
-    data = [str(digits_folders[1])]
-    distill(teacher, "resnet8", data, tmp_path / "run", cfg("kd", epochs=2), workers=0, device="cpu", stop_after=2)
-    with pytest.raises(DfkdError, match="holds a run with another config"):
-        distill(teacher, "resnet8", data, tmp_path / "run", cfg("kd", epochs=2, lr=0.2), workers=0, device="cpu")
+    train, test = str(digits_folders[0]), str(digits_folders[1])
+    run = tmp_path / "run"
+    distill(teacher, "resnet8", [test], run, cfg("kd", epochs=2), workers=0, device="cpu", stop_after=2)
+    with pytest.raises(DfkdError, match=r"holds a run with other inputs \(config\)"):
+        distill(teacher, "resnet8", [test], run, cfg("kd", epochs=2, lr=0.2), workers=0, device="cpu")
+    with pytest.raises(DfkdError, match=r"holds a run with other inputs \(data\)"):  # was: "resumed", old student kept
+        distill(teacher, "resnet8", [train], run, cfg("kd", epochs=2), workers=0, device="cpu")
+    with pytest.raises(DfkdError, match=r"holds a run with other inputs \(student\)"):  # was: a state_dict traceback
+        distill(teacher, "resnet14", [test], run, cfg("kd", epochs=2), workers=0, device="cpu")
+    with pytest.raises(DfkdError, match="holds a run of another command"):
+        select_pool(teacher, test, run, num=5, workers=0, device="cpu")
+    fresh = distill(teacher, "resnet8", [train], run, cfg("kd", steps=3), workers=0, device="cpu", overwrite=True)
+    assert fresh.resumed_from == 0 and fresh.steps == 3 and fresh.images == 1400
+    again = distill(teacher, "resnet8", [train], run, cfg("kd", steps=3), workers=0, device="cpu")
+    assert again.resumed_from == 3  # same inputs: a resume (here of a finished run)
 
 
 def test_config_layers_and_errors(tmp_path):

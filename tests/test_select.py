@@ -154,7 +154,7 @@ def test_cli_prints_only_the_selected_path_on_stdout(tmp_path, pattern_folder, r
     runner = CliRunner()
     out = tmp_path / "run"
     result = runner.invoke(app, ["select", "--teacher", str(random_teacher), "--pool", str(pattern_folder),
-                                 "--out", str(out), "--num", "5", "--global", "--workers", "0"])
+                                 "--out", str(out), "--num-images", "5", "--global", "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out / "selected.tsv")
     assert len(read_index(out / "selected.tsv")) == 5
@@ -163,7 +163,7 @@ def test_cli_prints_only_the_selected_path_on_stdout(tmp_path, pattern_folder, r
 @pytest.mark.parametrize("args, message", [
     (["--teacher", "missing.yaml"], "--teacher missing.yaml: model card not found"),
     (["--pool", "nowhere"], "--pool nowhere: no such directory"),
-    (["--num", "0"], "--num 0: must be at least 1"),
+    (["--num-images", "0"], "--num-images 0: must be at least 1"),
     (["--score", "magic"], "unknown scorer 'magic'; known: energy, entropy, noise, random"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, pattern_folder, random_teacher, args, message):

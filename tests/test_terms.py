@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from dfkd.distill.ensemble import TeacherEnsemble, adapt_input, ensemble_logits
+from dfkd.teacher import TeacherEnsemble, adapt_input, ensemble_logits
 from dfkd.distill.objectives import build_objective, make_extra_optimizers
 from dfkd.distill.terms import TERM_DEFAULTS, WithTerms, align_loss, correlation_loss, discriminator_losses
 from dfkd.images import InputSpec

@@ -20,12 +20,13 @@ from ..errors import DfkdError
 from ..images import open_labeled
 from ..index import Index, write_index
 from ..io import write_json, write_text
-from ..rundir import write_manifest
-from ..runtime import default_workers, resolve_device
+from ..models.features import classifier_layer
+from ..pool import data_digest
+from ..rundir import open_run, write_manifest
+from ..runtime import setup
+from ..teacher import card_digest, check_compatible, ensemble_accuracy, load_teacher
 from ..train.data import ImageSet, decode_images
 from ..train.loop import LoopConfig, accuracy, outputs, run_loop
-from ..models.features import classifier_layer
-from .ensemble import TeacherEnsemble, check_compatible, ensemble_accuracy
 from .objectives import build_objective, make_extra_optimizers
 from .terms import TERM_DEFAULTS, WithTerms
 
@@ -52,12 +53,13 @@ def read_data(paths: Sequence[str | Path]) -> Index:
     """Concatenate the rows of one or more index files (or pool directories)."""
     from ..images import open_pool
 
-    rows, columns = [], ["path"]
+    rows, columns, problems = [], ["path"], []
     for p in paths:
         index = open_pool(p, flag="--data")
         rows += index.rows
+        problems += index.problems
         columns += [c for c in index.columns if c not in columns]
-    return Index(columns, rows)
+    return Index(columns, rows, problems=problems)
 
 
 def soft_class_counts(teacher: torch.nn.Module, data: ImageSet, card: ModelCard, device: torch.device,
@@ -82,69 +84,76 @@ def _student(student: str, teacher: ModelCard, device: torch.device) -> tuple[to
 def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Sequence[str | Path], out: str | Path,
             config: dict, *,
             eval_data: str | Path | None = None, workers: int | None = None, device: str = "auto",
-            stop_after: int | None = None, on_event: Callable[[dict], None] | None = None) -> DistillResult:
-    """Distill the teacher (or an ensemble of teachers) into ``student`` on the images of ``data``."""
+            stop_after: int | None = None, overwrite: bool = False,
+            on_event: Callable[[dict], None] | None = None) -> DistillResult | None:
+    """Distill the teacher (or an ensemble of teachers) into ``student`` on the images of ``data``.
+
+    Under torchrun: DistributedDataParallel on the student (never the teacher), the batch size
+    global; rank 0 writes and returns the result (the other ranks return None)."""
     teachers = [teachers] if isinstance(teachers, ModelCard) else list(teachers)
     check_compatible(teachers)
-    teacher = teachers[0]  # its input description feeds the student and the ensemble
+    card = teachers[0]  # its input description feeds the student and the ensemble
     out = Path(out)
-    dev = resolve_device(device)
-    workers = default_workers(dev) if workers is None else workers
     method, obj_cfg = config["method"], dict(config.get("objective") or {})
     terms = {k: config[k] for k in TERM_DEFAULTS}
     loop = LoopConfig(**{k: v for k, v in config.items() if k not in ("method", "objective", *TERM_DEFAULTS)})
     loop.check()
-    saved = out / "config.yaml"
-    if (out / "checkpoints" / "last.pt").is_file() and saved.is_file():
-        before = yaml.safe_load(saved.read_text(encoding="utf-8"))
-        if before != json.loads(json.dumps(config)):
-            raise DfkdError(f"--out {out}: holds a run with another config ({saved}); resume it with the"
-                            " same settings or use a new --out")
+    rt = setup(device, loop.amp, workers)
     index = read_data(data)
-    members = [load_model(t, dev) for t in teachers]
-    torch.manual_seed(loop.seed)
-    s_model, arch, arch_args = _student(student, teacher, dev)
     info = {**ensemble_accuracy(teachers), "class_counts": None}
     # Built once early to check its options before any decoding, and for the ensemble's temperature;
     # robust's real class counts need the decoded data, so the objective proper is built below.
-    probe = build_objective(method, teacher.num_classes, obj_cfg, {**info, "class_counts": [1.0] * teacher.num_classes})
-    t_model = members[0] if len(members) == 1 else \
-        TeacherEnsemble(members, [t.input for t in teachers], probe.opts.get("temperature", 1.0))
+    probe = build_objective(method, card.num_classes, obj_cfg, {**info, "class_counts": [1.0] * card.num_classes})
+    teacher = load_teacher(teachers, rt.device, probe.opts.get("temperature", 1.0))
+    torch.manual_seed(loop.seed)
+    s_model, arch, arch_args = _student(student, card, rt.device)
     dims = {}
     if terms["align"]["weight"] > 0 or terms["correlation"]["weight"] > 0:
         dims = {"student_dim": classifier_layer(s_model, "the student").in_features,
-                "teacher_dim": classifier_layer(members[0], f"--teacher {teacher.path}").in_features}
-    val = None
-    if eval_data is not None:
-        v_index, _ = open_labeled(eval_data, teacher.classes, flag="--eval-data")
-        val = decode_images(v_index.paths, teacher.input, v_index.labels(), workers=workers, what="--eval-data")
-    train = decode_images(index.paths, teacher.input, index.labels(), workers=workers, what="--data",
-                          on_progress=(lambda d, t: on_event({"event": "decode", "done": d, "total": t}))
-                          if on_event else None)
-    if method == "robust":
-        cache = out / "class_counts.json"
-        if cache.is_file():
-            info["class_counts"] = json.loads(cache.read_text())["class_counts"]
-        else:
-            info["class_counts"] = soft_class_counts(t_model, train, teacher, dev, loop)
-            write_json(cache, {"class_counts": info["class_counts"], "images": len(train)})
-    objective = WithTerms(build_objective(method, teacher.num_classes, obj_cfg, info), teacher.num_classes,
-                          terms, **dims)
-    write_text(saved, yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=False))
-    write_index(out / "skipped.tsv", train.skipped, ["path", "reason"])
-    if on_event:
-        on_event({"event": "describe", "text": objective.describe()})
-    result = run_loop(s_model, objective, train, teacher.input, loop, out, dev, teacher=t_model, val=val,
-                      stop_after=stop_after, extra_optimizers=make_extra_optimizers(objective.to(dev)),
-                      on_event=on_event)
-    val_top1 = accuracy(s_model, val, teacher.input, dev, loop) if val is not None else None
-    card = save_card(out / "student.yaml", arch, teacher.num_classes, teacher.input, s_model.state_dict(),
-                     arch_args, classes=teacher.classes, kind="student",
-                     notes=f"dfkd distill --method {method} from {teacher.path}")
-    inputs = {f"teacher{i}": t.path for i, t in enumerate(teachers)}
-    inputs.update({f"teacher{i}_weights": t.weights for i, t in enumerate(teachers)})
-    write_manifest(out, "distill", config, {**inputs, **{f"data{i}": p for i, p in enumerate(data)}},
-                   objective=objective.describe(), student=student,
-                   summary={"steps": result.steps, "last": result.last, "best": result.best, "val_top1": val_top1})
-    return DistillResult(card, result.steps, result.last, result.best, val_top1, objective.describe(),
-                         result.resumed_from, len(train), len(train.skipped))
+                "teacher_dim": classifier_layer(teacher.members[0], f"--teacher {card.path}").in_features}
+    identity = {"teacher": teacher.identity(), "student": student if not Path(student).is_file() else
+                card_digest(load_card(student)), "data": [data_digest(p) for p in data],
+                "eval_data": data_digest(eval_data) if eval_data is not None else None,
+                "config": json.loads(json.dumps(config))}
+    with open_run(out, "distill", rt.ranks) as run:
+        run.claim(identity, overwrite)
+        val = None
+        if eval_data is not None:
+            v_index, _ = open_labeled(eval_data, card.classes, flag="--eval-data")
+            val = decode_images(v_index.paths, card.input, v_index.labels(), workers=rt.workers, what="--eval-data")
+        train = decode_images(index.paths, card.input, index.labels(), workers=rt.workers, what="--data",
+                              on_progress=(lambda d, t: on_event({"event": "decode", "done": d, "total": t}))
+                              if on_event else None)
+        train.skipped = index.problems + train.skipped
+        if method == "robust":
+            cache = out / "class_counts.json"
+            if cache.is_file():
+                info["class_counts"] = json.loads(cache.read_text())["class_counts"]
+            else:
+                info["class_counts"] = soft_class_counts(teacher.model, train, card, rt.device, loop)
+                if rt.ranks.main:
+                    write_json(cache, {"class_counts": info["class_counts"], "images": len(train)})
+        objective = WithTerms(build_objective(method, card.num_classes, obj_cfg, info), card.num_classes,
+                              terms, **dims)
+        if rt.ranks.main:
+            write_text(out / "config.yaml", yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=False))
+            write_index(out / "skipped.tsv", train.skipped, ["path", "reason"])
+        if on_event and rt.ranks.main:
+            on_event({"event": "describe", "text": objective.describe()})
+        result = run_loop(s_model, objective, train, card.input, loop, out, rt, teacher=teacher.model, val=val,
+                          stop_after=stop_after, extra_optimizers=make_extra_optimizers(objective.to(rt.device)),
+                          on_event=on_event)
+        if not rt.ranks.main:
+            return None
+        val_top1 = accuracy(s_model, val, card.input, rt.device, loop) if val is not None else None
+        student_card = save_card(out / "student.yaml", arch, card.num_classes, card.input, s_model.state_dict(),
+                                 arch_args, classes=card.classes, kind="student",
+                                 notes=f"dfkd distill --method {method} from {card.path}")
+        inputs = {f"teacher{i}": t.path for i, t in enumerate(teachers)}
+        inputs.update({f"teacher{i}_weights": t.weights for i, t in enumerate(teachers)})
+        write_manifest(out, "distill", config, {**inputs, **{f"data{i}": p for i, p in enumerate(data)}},
+                       objective=objective.describe(), student=student, ranks=rt.ranks.world,
+                       summary={"steps": result.steps, "last": result.last, "best": result.best,
+                                "val_top1": val_top1})
+        return DistillResult(student_card, result.steps, result.last, result.best, val_top1, objective.describe(),
+                             result.resumed_from, len(train), len(train.skipped))

@@ -1,24 +1,28 @@
 """``expand``: the expanded dataset of PU Compression — positives plus the pool images g(x) accepts.
 
-One decoding pass scores every pool image with the PU classifier and, beside it, the teacher
-(for the per-class summary), with deterministic preprocessing (no random crops).
+One pass of the scoring engine scores every pool image with the PU classifier and, beside it,
+the teacher (for the per-class summary), with deterministic preprocessing (no random crops).
+Like ``select``, it streams: scores go to disk, a run resumes, memory holds the chosen rows.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from ..cards import load_card, load_model
+from ..cards import load_card
+from ..engine import Segment, score_run, stream
 from ..errors import DfkdError
 from ..images import open_labeled, open_pool
 from ..index import Index, write_index
-from ..infer import iter_outputs
-from ..rundir import write_manifest
-from ..runtime import default_workers, resolve_device
+from ..rundir import open_run, write_manifest
+from ..runtime import setup
+from ..select.policies import POLICIES, StreamingChoice
+from ..teacher import card_digest, load_teacher
 from .train import load_pu
 
 
@@ -49,59 +53,89 @@ def _positives(path: str | Path, classes: list[str] | None) -> Index:
 def expand(pu_card: str | Path, positive: str | Path, unlabeled: str | Path, out: str | Path, *,
            threshold: float | None = 0.0, num: int | None = None, repeat_positive: int = 1,
            teacher: str | Path | None = None, batch_size: int = 256, workers: int | None = None,
-           device: str = "auto", amp: bool | None = None,
-           on_progress: Callable[[int, int], None] | None = None) -> ExpandResult:
-    """Write ``out/expanded.tsv`` (positives, then accepted pool images best first) and pu_scores.tsv."""
+           device: str = "auto", amp: bool | None = None, overwrite: bool = False,
+           on_progress: Callable[[int, int], None] | None = None) -> ExpandResult | None:
+    """Write ``out/expanded.tsv`` (positives, then accepted pool images best first) and pu_scores.tsv.
+
+    The pool is scored by the engine (sharded under torchrun, resumable); rank 0 returns the result."""
     if num is not None and num < 1:
-        raise DfkdError(f"--num {num}: must be at least 1")
+        raise DfkdError(f"--num-images {num}: must be at least 1")
+    if num is None and (threshold is None or not math.isfinite(threshold)):
+        raise DfkdError(f"--threshold {threshold}: must be a finite number")
     if repeat_positive < 1:
         raise DfkdError(f"--repeat-positive {repeat_positive}: must be at least 1")
-    dev = resolve_device(device)
-    amp = dev.type == "cuda" if amp is None else amp
-    model, card, pu = load_pu(pu_card, dev)
+    rt = setup(device, amp, workers)
+    model, card, pu = load_pu(pu_card, rt.device)
     teacher_path = teacher or pu.get("teacher")
-    t_card = load_card(teacher_path) if teacher_path and Path(teacher_path).is_file() else None
-    t_model = load_model(t_card, dev).to(memory_format=torch.channels_last) if t_card else None
-    classes = t_card.class_names if t_card else [str(i) for i in range(card.num_classes)]
-    pos = _positives(positive, t_card.classes if t_card else None)
-    pool = open_pool(unlabeled, "--unlabeled")
+    t = load_teacher(load_card(teacher_path), rt.device) if teacher_path and Path(teacher_path).is_file() else None
+    classes = t.card.class_names if t else [str(i) for i in range(card.num_classes)]
+    pos = _positives(positive, t.card.classes if t else None)
 
     def both(m, x):
         g = m(x).float()[:, None]
-        return torch.cat([g, t_model(x).float()], 1) if t_model is not None else g
+        return torch.cat([g, t.model(x).float()], 1) if t is not None else g
 
-    scores, labels, skipped = np.full(len(pool), np.nan), np.full(len(pool), -1), []
-    for positions, outputs, _, errors in iter_outputs(model, card.input, pool.paths, batch_size=batch_size,
-                                                      workers=default_workers(dev) if workers is None else workers,
-                                                      device=dev, amp=amp, forward=both):
-        for i, p in enumerate(positions.tolist()):
-            if errors[i] or not torch.isfinite(outputs[i]).all():
-                skipped.append({"path": pool.paths[p], "reason": errors[i] or "PU score is not finite"})
-                continue
-            scores[p] = float(outputs[i, 0])
-            if t_model is not None:
-                labels[p] = int(outputs[i, 1:].argmax())
-        if on_progress:
-            on_progress(int(positions[-1]) + 1, len(pool))
-    ok = np.flatnonzero(~np.isnan(scores))
-    if len(ok) == 0:
-        raise DfkdError(f"--unlabeled {unlabeled}: no image could be scored")
-    order = ok[np.argsort(-scores[ok], kind="stable")]
-    chosen = order[:num] if num is not None else order[scores[order] > threshold]
-    out = Path(out)
-    extra = [c for c in pool.columns if c not in ("path", "label", "score", "source", "teacher_label")]
-    pool_rows = [{**pool.rows[i], "label": -1, "score": float(scores[i]), "source": "pool",
-                  "teacher_label": int(labels[i])} for i in range(len(pool))]
-    pos_rows = [{**r, "source": "positive"} for r in pos.rows] * repeat_positive
+    def rows(outputs: torch.Tensor, labels, paths, errors) -> list[tuple]:
+        finite = torch.isfinite(outputs).all(1).tolist()
+        teacher_labels = outputs[:, 1:].argmax(1).tolist() if t is not None else [-1] * len(paths)
+        return [(float("nan"), -1, e or "PU score is not finite") if e or not ok else (float(o[0]), y, "")
+                for o, y, ok, e in zip(outputs, teacher_labels, finite, errors)]
+
+    identity = {"pu": card_digest(card), "teacher": t.identity() if t else None}
+    with open_run(out, "expand", rt.ranks) as run:
+        segment = score_run(run, rt, unlabeled, "--unlabeled", identity, model, card.input, rows,
+                            (float, int, str), batch_size=batch_size, overwrite=overwrite,
+                            on_progress=on_progress, forward=both)
+        # positives are decoded too, so that a truncated one is recorded, not written as a positive
+        checked = [r for got in stream(model, card.input, lambda: iter(pos.rows), len(pos), rows, rt,
+                                       batch_size=batch_size, forward=both) for r in got]
+        if not rt.ranks.main:
+            return None
+        return _write(segment, pos, checked, Path(out), classes, t is not None, threshold=threshold, num=num,
+                      repeat_positive=repeat_positive, options={"threshold": None if num is not None else threshold,
+                                                                "num": num, "repeat_positive": repeat_positive,
+                                                                **rt.options()},
+                      inputs={"pu": pu_card, "positive": pos.source, "unlabeled": unlabeled,
+                              "teacher": teacher_path}, prior=pu.get("prior"))
+
+
+def _write(segment: Segment, pos: Index, checked: list[tuple], out: Path, classes: list[str], has_teacher: bool, *,
+           threshold: float | None, num: int | None, repeat_positive: int, options: dict, inputs: dict,
+           prior: float | None) -> ExpandResult:
+    skipped = list(segment.listing.problems)
+    skipped += [{"path": r["path"], "reason": c[2]} for r, c in zip(pos.rows, checked) if c[2]]
+    positives = [{**r, "source": "positive"} for r, c in zip(pos.rows, checked) if not c[2]]
+    if not positives:
+        raise DfkdError(f"--positive {pos.source}: none of the positive images could be decoded")
+    extra = [c for c in segment.listing.columns if c not in ("path", "label", "score", "source", "teacher_label")]
     columns = ["path", "label", "score", "source", "teacher_label", *extra]
-    files = {"expanded": write_index(out / "expanded.tsv", pos_rows + [pool_rows[i] for i in chosen], columns),
-             "pu_scores": write_index(out / "pu_scores.tsv", [pool_rows[i] for i in ok], columns),
-             "skipped": write_index(out / "skipped.tsv", skipped, ["path", "reason"])}
-    counts = np.bincount(labels[chosen], minlength=len(classes)).tolist() if t_model is not None else None
+    choice = StreamingChoice(POLICIES.get("global"), num, len(classes))
+    scored = 0
+
+    def pool_rows() -> Iterator[dict]:
+        nonlocal scored
+        for row, (g, y, reason) in segment:
+            if reason:
+                skipped.append({"path": row["path"], "reason": reason})
+                continue
+            scored += 1
+            row = {**row, "label": -1, "score": g, "source": "pool", "teacher_label": y}
+            yield row
+            if num is not None or g > threshold:
+                choice.push(-g, max(y, 0), row)  # best first = highest g(x); pruned to num when given
+
+    files = {"pu_scores": write_index(out / "pu_scores.tsv", pool_rows(), columns)}
+    if scored == 0:
+        write_index(out / "skipped.tsv", skipped, ["path", "reason"])
+        raise DfkdError(f"--unlabeled {segment.listing.source}: no image could be scored")
+    chosen = choice.result()
+    files["expanded"] = write_index(out / "expanded.tsv", positives * repeat_positive + chosen, columns)
+    files["skipped"] = write_index(out / "skipped.tsv", skipped, ["path", "reason"])
+    labels = np.array([r["teacher_label"] for r in chosen], dtype=np.int64)
+    counts = np.bincount(labels, minlength=len(classes)).tolist() if has_teacher else None
+    pool_size = segment.hi - segment.lo
     files["manifest"] = write_manifest(
-        out, "expand", {"threshold": None if num is not None else threshold, "num": num,
-                        "repeat_positive": repeat_positive}, {"pu": pu_card, "positive": pos.source,
-                                                              "unlabeled": pool.source, "teacher": teacher_path},
-        summary={"pool": len(pool), "skipped": len(skipped), "selected": len(chosen),
-                 "positives": len(pos), "class_counts": counts, "prior": pu.get("prior")})
-    return ExpandResult(out, len(pool), len(skipped), len(chosen), len(pos), counts, classes, files)
+        out, "expand", options, inputs,
+        summary={"pool": pool_size, "skipped": len(skipped), "selected": len(chosen),
+                 "positives": len(positives), "class_counts": counts, "prior": prior})
+    return ExpandResult(out, pool_size, len(skipped), len(chosen), len(positives), counts, classes, files)

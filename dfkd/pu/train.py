@@ -21,9 +21,12 @@ from torch import nn
 from ..cards import ModelCard, build_arch, load_card, read_state_dict
 from ..errors import DfkdError
 from ..images import open_pool
+from ..index import write_index
 from ..io import atomic_write, write_text
-from ..rundir import write_manifest
-from ..runtime import default_workers, resolve_device
+from ..pool import data_digest
+from ..rundir import open_run, write_manifest
+from ..runtime import setup
+from ..teacher import card_digest
 from ..train.data import ImageSet, decode_images
 from ..train.loop import LoopConfig, outputs, run_loop
 from .extractor import MultiScaleSE, default_taps, load_backbone_weights
@@ -74,14 +77,15 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
              cfg: LoopConfig, *, backbone: str | None = None, taps: list[str] | None = None,
              reduction: int = 16, beta: float = 0.0, gamma: float = 1.0, positive_share: float = 0.25,
              holdout: float = 0.2, workers: int | None = None, device: str = "auto",
-             stop_after: int | None = None, on_event: Callable[[dict], None] | None = None) -> PuResult:
+             stop_after: int | None = None, overwrite: bool = False,
+             on_event: Callable[[dict], None] | None = None) -> PuResult | None:
     """Train the PU classifier; write ``out/pu.yaml`` and its weights."""
     out = Path(out)
     if not 0 < positive_share < 1:
         raise DfkdError(f"--positive-share {positive_share}: must be in (0, 1)")
     objective = NnpuObjective(prior, beta, gamma)
-    dev = resolve_device(device)
-    workers = default_workers(dev) if workers is None else workers
+    cfg.check()
+    rt = setup(device, cfg.amp, workers)
     if teacher.torchscript and not backbone:
         raise DfkdError("--teacher is TorchScript: its stages cannot be tapped; name a --backbone arch")
     arch = backbone or teacher.arch
@@ -94,38 +98,48 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
         matched = f"{report.matched}/{report.total}"
     pos_index, unl_index = open_pool(positive, "--positive"), open_pool(unlabeled, "--unlabeled")
     spec = teacher.input
-    pos = decode_images(pos_index.paths, spec, [1] * len(pos_index), workers=workers, what="--positive")
-    unl = decode_images(unl_index.paths, spec, [0] * len(unl_index), workers=workers, what="--unlabeled",
-                        on_progress=(lambda d, t: on_event({"event": "decode", "done": d, "total": t}))
-                        if on_event else None)
-    n_hold = int(len(pos) * holdout) if len(pos) >= 5 else 0
-    perm = torch.randperm(len(pos), generator=torch.Generator().manual_seed(cfg.seed))
-    hold, fit = perm[:n_hold].sort().values, perm[n_hold:].sort().values
-    repeat = max(1, math.ceil(positive_share / (1 - positive_share) * len(unl) / max(1, len(fit))))
-    fit_rep = fit.repeat(repeat)
-    train = ImageSet(torch.cat([pos.images[fit_rep], unl.images]), torch.cat([pos.labels[fit_rep], unl.labels]),
-                     [pos.paths[i] for i in fit_rep.tolist()] + unl.paths)
-    result = run_loop(model, objective, train, spec, cfg, out, dev, stop_after=stop_after, on_event=on_event)
-    held = ImageSet(pos.images[hold], pos.labels[hold], [pos.paths[i] for i in hold.tolist()])
-    recall = float((outputs(model, held, spec, dev, cfg) > 0).float().mean()) if n_hold else None
-    share = float((outputs(model, unl, spec, dev, cfg) > 0).float().mean())
-    weights = out / "pu.pt"
-    atomic_write(weights, lambda f: torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f), "wb")
-    card = {"kind": "pu", "arch": arch, "num_classes": teacher.num_classes, "weights": weights.name,
-            "input": spec.to_dict(), "arch_args": arch_args or None,
-            "pu": {"taps": model.taps, "reduction": reduction, "prior": prior, "teacher": str(teacher.path.resolve()),
-                   "heldout_positive_recall": recall, "pool_positive_share": share,
-                   "teacher_keys_loaded": matched}}
-    card_path = write_text(out / "pu.yaml", yaml.safe_dump({k: v for k, v in card.items() if v is not None},
-                                                           sort_keys=False))
     options = {"prior": prior, "backbone": arch, "taps": model.taps, "reduction": reduction, "beta": beta,
-               "gamma": gamma, "positive_share": positive_share, "positive_repeat": repeat, **asdict(cfg)}
-    write_manifest(out, "pu-train", options, {"teacher": teacher.path, "positive": pos_index.source,
-                                              "unlabeled": unl_index.source},
-                   summary={"heldout_positive_recall": recall, "pool_positive_share": share,
-                            "teacher_keys_loaded": matched})
-    return PuResult(card_path, result.steps, matched, recall, share, prior, len(fit), len(unl),
-                    len(pos.skipped) + len(unl.skipped), result.resumed_from)
+               "gamma": gamma, "positive_share": positive_share, **asdict(cfg)}
+    with open_run(out, "pu-train", rt.ranks) as run:
+        run.claim({"teacher": card_digest(teacher), "positive": data_digest(positive),
+                   "unlabeled": data_digest(unlabeled), "options": options}, overwrite)
+        pos = decode_images(pos_index.paths, spec, [1] * len(pos_index), workers=rt.workers, what="--positive")
+        unl = decode_images(unl_index.paths, spec, [0] * len(unl_index), workers=rt.workers, what="--unlabeled",
+                            on_progress=(lambda d, t: on_event({"event": "decode", "done": d, "total": t}))
+                            if on_event else None)
+        skipped = pos_index.problems + pos.skipped + unl_index.problems + unl.skipped
+        if rt.ranks.main:
+            write_index(out / "skipped.tsv", skipped, ["path", "reason"])
+        n_hold = int(len(pos) * holdout) if len(pos) >= 5 else 0
+        perm = torch.randperm(len(pos), generator=torch.Generator().manual_seed(cfg.seed))
+        hold, fit = perm[:n_hold].sort().values, perm[n_hold:].sort().values
+        repeat = max(1, math.ceil(positive_share / (1 - positive_share) * len(unl) / max(1, len(fit))))
+        fit_rep = fit.repeat(repeat)
+        train = ImageSet(torch.cat([pos.images[fit_rep], unl.images]),
+                         torch.cat([pos.labels[fit_rep], unl.labels]),
+                         [pos.paths[i] for i in fit_rep.tolist()] + unl.paths)
+        result = run_loop(model, objective, train, spec, cfg, out, rt, stop_after=stop_after, on_event=on_event)
+        if not rt.ranks.main:
+            return None
+        held = ImageSet(pos.images[hold], pos.labels[hold], [pos.paths[i] for i in hold.tolist()])
+        recall = float((outputs(model, held, spec, rt.device, cfg) > 0).float().mean()) if n_hold else None
+        share = float((outputs(model, unl, spec, rt.device, cfg) > 0).float().mean())
+        weights = out / "pu.pt"
+        atomic_write(weights, lambda f: torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f),
+                     "wb")
+        card = {"kind": "pu", "arch": arch, "num_classes": teacher.num_classes, "weights": weights.name,
+                "input": spec.to_dict(), "arch_args": arch_args or None,
+                "pu": {"taps": model.taps, "reduction": reduction, "prior": prior,
+                       "teacher": str(teacher.path.resolve()), "heldout_positive_recall": recall,
+                       "pool_positive_share": share, "teacher_keys_loaded": matched}}
+        card_path = write_text(out / "pu.yaml", yaml.safe_dump({k: v for k, v in card.items() if v is not None},
+                                                               sort_keys=False))
+        write_manifest(out, "pu-train", {**options, "positive_repeat": repeat},
+                       {"teacher": teacher.path, "positive": pos_index.source, "unlabeled": unl_index.source},
+                       summary={"heldout_positive_recall": recall, "pool_positive_share": share,
+                                "teacher_keys_loaded": matched})
+        return PuResult(card_path, result.steps, matched, recall, share, prior, len(fit), len(unl),
+                        len(skipped), result.resumed_from)
 
 
 def load_pu(path: str | Path, device: torch.device) -> tuple[MultiScaleSE, ModelCard, dict]:

@@ -1,34 +1,35 @@
 """``select``: score every pool image with the teacher, then keep the most useful ones.
 
-Scoring streams batch by batch into ``OUT/.partial/`` (flushed each batch), so a run that is
-interrupted and started again with the same inputs continues from where it stopped and ends
-with the same files.
+The pool is listed to ``OUT/.scoring/pool.tsv`` and scored by the engine into
+``OUT/.scoring/rows.tsv`` (flushed every step), so a run that is interrupted and started again
+with the same inputs continues where it stopped and ends with the same files. Selection then
+reads the rows back in one streaming pass, keeping only the rows the policy could still
+choose: memory is O(selected + batch), not O(pool). ``shard=(i, n)`` scores the i-th of n
+slices of the pool (cluster jobs without torchrun); :func:`merge_shards` selects from the
+union of the slices, with the same result as one run.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from ..cards import ModelCard, load_model
-from ..distill.ensemble import TeacherEnsemble, check_compatible
+from ..cards import ModelCard, load_card
+from ..engine import RowFile, Segment, score_run
 from ..errors import DfkdError
-from ..images import open_pool
-from ..index import write_index
-from ..infer import iter_outputs
-from ..io import file_sha256
-from ..rundir import write_manifest
-from ..runtime import default_workers, resolve_device
-from .policies import POLICIES
+from ..index import open_index, write_index
+from ..pool import Listing
+from ..rundir import RunDir, open_run, write_manifest
+from ..runtime import Runtime, setup
+from ..teacher import Teacher, load_teacher
+from .policies import POLICIES, StreamingChoice
 from .scores import SCORERS
 
-PARTIAL_COLUMNS = ["label", "score", "confidence", "reason"]
+ROW_TYPES = (int, float, float, str)  # label, score, confidence, reason ("" = scored)
 
 
 @dataclass
@@ -45,35 +46,6 @@ class SelectResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def _fingerprint(cards: list[ModelCard], paths: list[str], score: str, seed: int) -> str:
-    h = hashlib.sha256()
-    for card in cards:
-        for f in (card.path, card.weights, card.torchscript):
-            if f:
-                h.update(file_sha256(f).encode())
-        h.update(json.dumps(card.input.to_dict()).encode())
-    h.update(json.dumps([score, seed if score == "random" else 0]).encode())
-    for p in paths:
-        h.update(p.encode() + b"\0")
-    return h.hexdigest()
-
-
-def _read_partial(partial: Path, fingerprint: str) -> int:
-    """Rows already scored in a previous attempt with the same inputs (trailing junk dropped)."""
-    stamp, rows = partial / "fingerprint", partial / "scored.tsv"
-    if not (stamp.is_file() and rows.is_file() and stamp.read_text() == fingerprint):
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        (partial / "fingerprint").write_text(fingerprint)
-        return 0
-    data = rows.read_bytes()
-    keep = data[: data.rfind(b"\n") + 1]
-    if len(keep) != len(data):
-        with open(rows, "r+b") as f:
-            f.truncate(len(keep))
-    return keep.count(b"\n")
-
-
 def quantiles(values: np.ndarray) -> dict[str, float]:
     if len(values) == 0:
         return {}
@@ -81,94 +53,166 @@ def quantiles(values: np.ndarray) -> dict[str, float]:
     return dict(zip(["min", "q25", "median", "q75", "max"], map(float, qs)))
 
 
-def select_pool(teachers: ModelCard | list[ModelCard], pool: str | Path, out: str | Path, *, num: int | None = None,
-                ratio: float | None = None, max_score: float | None = None, policy: str = "per-class",
-                score: str = "noise", batch_size: int = 256, workers: int | None = None,
-                device: str = "auto", amp: bool | None = None, seed: int = 0,
-                on_progress: Callable[[int, int], None] | None = None) -> SelectResult:
-    """Score ``pool`` with the teacher (or the ensemble of ``teachers``, MEAL V2's averaged softmax)
-    and write scores/selected/skipped.tsv into ``out``."""
-    teachers = [teachers] if isinstance(teachers, ModelCard) else list(teachers)
-    check_compatible(teachers)
-    teacher = teachers[0]
-    if sum(x is not None for x in (num, ratio)) > 1:
-        raise DfkdError("give at most one of --num and --ratio")
+def check_selection(num: int | None, ratio: float | None, max_score: float | None) -> None:
+    if num is not None and ratio is not None:
+        raise DfkdError("give at most one of --num-images and --ratio")
     if num is not None and num < 1:
-        raise DfkdError(f"--num {num}: must be at least 1")
+        raise DfkdError(f"--num-images {num}: must be at least 1")
     if ratio is not None and not 0 < ratio <= 1:
         raise DfkdError(f"--ratio {ratio}: must be in (0, 1]")
-    scorer, choose = SCORERS.get(score), POLICIES.get(policy)
-    dev = resolve_device(device)
-    amp = dev.type == "cuda" if amp is None else amp
-    workers = default_workers(dev) if workers is None else workers
-    members = [load_model(t, dev) for t in teachers]
-    model = members[0] if len(members) == 1 else TeacherEnsemble(members, [t.input for t in teachers])
-    index = open_pool(pool)
-    paths = index.paths
-    out = Path(out)
-    partial = out / ".partial"
-    done = _read_partial(partial, _fingerprint(teachers, paths, score, seed))
-    if on_progress:
-        on_progress(done, len(paths))
-    with open(partial / "scored.tsv", "a", encoding="utf-8") as f:
-        todo = paths[done:]
-        for pos, logits, _, errors in iter_outputs(model, teacher.input, todo, batch_size=batch_size,
-                                                   workers=workers, device=dev, amp=amp):
-            if logits.shape[1] != teacher.num_classes:
-                raise DfkdError(f"{teacher.path}: model outputs {logits.shape[1]} classes, card says"
-                                f" {teacher.num_classes}")
-            ids = [todo[i] for i in pos.tolist()]
-            conf, label = torch.softmax(logits, 1).max(1)
-            rows = zip(label.tolist(), scorer(logits, ids, seed).tolist(), conf.tolist(),
-                       torch.isfinite(logits).all(1).tolist(), errors)
-            for y, value, c, finite, err in rows:
-                err = err or ("" if finite else "teacher output is not finite (NaN/inf)")
-                f.write(f"-1\tnan\tnan\t{err}\n" if err else f"{y}\t{value!r}\t{c!r}\t\n")
-            f.flush()
-            done += len(ids)
-            if on_progress:
-                on_progress(done, len(paths))
-    return _finish(teachers, index, partial, out, num, ratio, max_score, choose, policy, score, seed,
-                   dict(batch_size=batch_size, workers=workers, device=str(dev), amp=amp))
+    if max_score is not None and not np.isfinite(max_score):
+        raise DfkdError(f"--max-noise {max_score}: must be a finite number")
 
 
-def _finish(teachers, index, partial, out, num, ratio, max_score, choose, policy, score, seed, run_opts):
-    teacher = teachers[0]
-    lines = (partial / "scored.tsv").read_text(encoding="utf-8").splitlines()
-    extra_cols = [c for c in index.columns if c not in ("path", "label", "score", "confidence")]
-    scored, skipped = [], []
-    for row, line in zip(index.rows, lines):
-        label, value, conf, reason = line.split("\t", 3)
-        if reason:
-            skipped.append({"path": row["path"], "reason": reason})
-        else:
-            scored.append({**row, "label": int(label), "score": float(value), "confidence": float(conf)})
-    if not scored:
-        _write_skipped(out, skipped)
+def _score_rows(teacher: Teacher, score: str, seed: int):
+    scorer, k = SCORERS.get(score), teacher.card.num_classes
+
+    def rows(logits: torch.Tensor, labels, paths: list[str], errors: list[str]) -> list[tuple]:
+        if logits.shape[1] != k:
+            raise DfkdError(f"{teacher.card.path}: model outputs {logits.shape[1]} classes, card says {k}")
+        conf, label = torch.softmax(logits, 1).max(1)
+        values = scorer(logits, paths, seed)
+        finite = torch.isfinite(logits).all(1)
+        return [(-1, float("nan"), float("nan"), e or "teacher output is not finite (NaN/inf)")
+                if e or not ok else (y, v, c, "")
+                for y, v, c, ok, e in zip(label.tolist(), values.tolist(), conf.tolist(), finite.tolist(), errors)]
+    return rows
+
+
+def score_pool(teacher: Teacher, pool: str | Path, run: RunDir, rt: Runtime, *, score: str, seed: int,
+               batch_size: int, shard: tuple[int, int] | None = None, overwrite: bool = False,
+               on_progress: Callable[[int, int], None] | None = None) -> Segment:
+    """List and score the pool (or one shard of it) into ``run``, resuming."""
+    identity = {"teacher": teacher.identity(), "score": score, "seed": seed if score == "random" else None}
+    return score_run(run, rt, pool, "--pool", identity, teacher.model, teacher.card.input,
+                     _score_rows(teacher, score, seed), ROW_TYPES, batch_size=batch_size, shard=shard,
+                     overwrite=overwrite, on_progress=on_progress,
+                     info={"teachers": [str(c.path.resolve()) for c in teacher.cards]})
+
+
+def select_pool(teachers: ModelCard | Sequence[ModelCard], pool: str | Path, out: str | Path, *,
+                num: int | None = None, ratio: float | None = None, max_score: float | None = None,
+                policy: str = "per-class", score: str = "noise", batch_size: int = 256,
+                workers: int | None = None, device: str = "auto", amp: bool | None = None, seed: int = 0,
+                shard: tuple[int, int] | None = None, overwrite: bool = False,
+                on_progress: Callable[[int, int], None] | None = None) -> SelectResult | None:
+    """Score ``pool`` with the teacher (or the ensemble of ``teachers``, MEAL V2's averaged softmax)
+    and write scores/selected/skipped.tsv into ``out``. Under torchrun every rank scores its share;
+    rank 0 writes and returns the result (the other ranks return None).
+
+    With ``shard=(i, n)`` only the i-th of n slices is scored (scores.tsv and skipped.tsv, no
+    selection); :func:`merge_shards` selects from the shards."""
+    check_selection(num, ratio, max_score)
+    SCORERS.get(score), POLICIES.get(policy)
+    if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+        raise DfkdError(f"--shard {shard[0]}/{shard[1]}: expected I/N with 0 <= I < N")
+    rt = setup(device, amp, workers)
+    with open_run(out, "select", rt.ranks) as run:
+        teacher = load_teacher(list(teachers) if not isinstance(teachers, ModelCard) else [teachers], rt.device)
+        segment = score_pool(teacher, pool, run, rt, score=score, seed=seed, batch_size=batch_size,
+                             shard=shard, overwrite=overwrite, on_progress=on_progress)
+        if not rt.ranks.main:
+            return None
+        options = dict(num=num, ratio=ratio, max_score=max_score, policy=policy, score=score, seed=seed,
+                       batch_size=batch_size, shard=list(shard) if shard else None, **rt.options())
+        inputs = {f"teacher{i}": c.path for i, c in enumerate(teacher.cards)}
+        inputs.update({f"teacher{i}_weights": c.weights for i, c in enumerate(teacher.cards)})
+        return finish([segment], teacher.card, Path(out), num=num, ratio=ratio, max_score=max_score,
+                      policy=policy, options=options, inputs={**inputs, "pool": pool},
+                      select=shard is None)
+
+
+def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path, *, num: int | None = None,
+                 ratio: float | None = None, max_score: float | None = None, policy: str = "per-class",
+                 overwrite: bool = False) -> SelectResult:
+    """Select from the union of ``select --shard I/N`` runs: the same files as one run."""
+    check_selection(num, ratio, max_score)
+    POLICIES.get(policy)
+    dirs = [Path(d) for d in shard_dirs]
+    dirs = [s for d in dirs for s in ([d] if (d / ".scoring" / "shard.json").is_file() else
+                                      sorted(p for p in d.iterdir() if (p / ".scoring" / "shard.json").is_file())
+                                      if d.is_dir() else [d])]
+    shards = []
+    for d in dirs:
+        meta_path = d / ".scoring" / "shard.json"
+        if not meta_path.is_file():
+            raise DfkdError(f"--merge {d}: not a run directory of dfkd select --shard (no .scoring/shard.json)")
+        shards.append((json.loads(meta_path.read_text(encoding="utf-8")), d))
+    if not shards:
+        raise DfkdError("--merge: no shard run directories given")
+    shards.sort(key=lambda s: s[0]["shard"][0])
+    first, n = shards[0][0], shards[0][0]["shard"][1]
+    same = {k: v for k, v in first["identity"].items() if k != "shard"}
+    for meta, d in shards:
+        if {k: v for k, v in meta["identity"].items() if k != "shard"} != same:
+            raise DfkdError(f"--merge {d}: scored another pool, teacher or score than {shards[0][1]}")
+    found = [m["shard"][0] for m, _ in shards]
+    if found != list(range(n)) or any(m["shard"][1] != n for m, _ in shards):
+        missing = sorted(set(range(n)) - set(found))
+        raise DfkdError(f"--merge: expected shards 0..{n - 1} once each; "
+                        + (f"missing {', '.join(map(str, missing))}" if missing else f"got {found}"))
+    count = first["count"]
+    segments = []
+    for meta, d in shards:
+        i = meta["shard"][0]
+        lo, hi = i * count // n, (i + 1) * count // n
+        rows = RowFile(d / ".scoring" / "rows.tsv", ROW_TYPES)
+        if rows.done() != hi - lo:
+            raise DfkdError(f"--merge {d}: shard {i}/{n} is not finished ({rows.done()} of {hi - lo} rows"
+                            " scored); run its command again to resume it")
+        listing_path = d / ".scoring" / "pool.tsv"
+        columns, _ = open_index(listing_path)
+        segments.append(Segment(Listing(listing_path, columns, count, same["pool"], Path(first["pool"])),
+                                lo, hi, rows))
+    card = load_card(first["teachers"][0])
+    with open_run(out, "select") as run:
+        run.claim({"merge": [m["identity"] for m, _ in shards]}, overwrite)
+        options = dict(num=num, ratio=ratio, max_score=max_score, policy=policy, merged=[str(d) for _, d in shards])
+        return finish(segments, card, Path(out), num=num, ratio=ratio, max_score=max_score, policy=policy,
+                      options=options, inputs={f"teacher{i}": t for i, t in enumerate(first["teachers"])},
+                      select=True)
+
+
+def finish(segments: list[Segment], card: ModelCard, out: Path, *, num: int | None, ratio: float | None,
+           max_score: float | None, policy: str, options: dict, inputs: dict, select: bool) -> SelectResult:
+    """Write scores.tsv, skipped.tsv and (with ``select``) selected.tsv from the scored rows,
+    streaming: the pool's scores are held as float32 (4 bytes an image), rows only if chosen."""
+    values = np.fromiter((r[1] for s in segments for r in s.rows if not r[3]), dtype=np.float32)
+    if len(values) == 0:
+        skipped = [{"path": row["path"], "reason": r[3]} for s in segments for row, r in s]
+        _write_skipped(out, [*segments[0].listing.problems, *skipped])
         raise DfkdError(f"no image of the pool could be scored ({len(skipped)} skipped; see the reasons"
                         f" in {out / 'skipped.tsv'})")
-    values = np.array([r["score"] for r in scored])
-    labels = np.array([r["label"] for r in scored])
-    candidates = np.arange(len(scored)) if max_score is None else np.flatnonzero(values <= max_score)
-    k = len(candidates) if num is None and ratio is None else (num or max(1, round(ratio * len(scored))))
-    k = min(k, len(candidates))
-    picked = candidates[choose(values[candidates], labels[candidates], k, teacher.num_classes)]
+    k = None if num is None and ratio is None else (num or max(1, round(ratio * len(values))))
+    choice = StreamingChoice(POLICIES.get(policy), k, card.num_classes)
+    skipped = list(segments[0].listing.problems)
+    extra_cols = [c for c in segments[0].listing.columns if c not in ("path", "label", "score", "confidence")]
     columns = ["path", "label", "score", "confidence", *extra_cols]
-    files = {"scores": write_index(out / "scores.tsv", scored, columns),
-             "selected": write_index(out / "selected.tsv", [scored[i] for i in picked], columns),
-             "skipped": _write_skipped(out, skipped)}
-    counts = np.bincount(labels[picked], minlength=teacher.num_classes).tolist()
-    result = SelectResult(out, len(index), len(scored), len(skipped), len(picked), counts,
-                          quantiles(values), quantiles(values[picked]), files=files)
-    options = dict(num=num, ratio=ratio, max_score=max_score, policy=policy, score=score, seed=seed, **run_opts)
-    files["manifest"] = write_manifest(
-        out, "select", options, {**{f"teacher{i}" if i else "teacher": t.path for i, t in enumerate(teachers)},
-                                 **{f"weights{i}" if i else "weights": t.weights for i, t in enumerate(teachers)},
-                                 "pool": index.source}, summary={"pool": len(index), "scored": len(scored),
-                                                                 "skipped": len(skipped), "selected": len(picked),
-                                                                 "class_counts": counts})
-    shutil.rmtree(partial, ignore_errors=True)
-    return result
+
+    def scored() -> Iterator[dict]:
+        for s in segments:
+            for row, (label, value, conf, reason) in s:
+                if reason:
+                    skipped.append({"path": row["path"], "reason": reason})
+                    continue
+                row = {**row, "label": label, "score": value, "confidence": conf}
+                yield row
+                if max_score is None or value <= max_score:
+                    choice.push(value, label, row)
+
+    files = {"scores": write_index(out / "scores.tsv", scored(), columns)}
+    picked = choice.result() if select else []
+    if select:
+        files["selected"] = write_index(out / "selected.tsv", picked, columns)
+    files["skipped"] = _write_skipped(out, skipped)
+    labels = np.array([r["label"] for r in picked], dtype=np.int64)
+    counts = np.bincount(labels, minlength=card.num_classes).tolist()
+    pool_size = sum(s.hi - s.lo for s in segments)
+    summary = {"pool": pool_size, "scored": len(values), "skipped": len(skipped), "selected": len(picked),
+               "class_counts": counts}
+    files["manifest"] = write_manifest(out, "select", options, inputs, summary=summary)
+    return SelectResult(out, pool_size, len(values), len(skipped), len(picked), counts, quantiles(values),
+                        quantiles(np.array([r["score"] for r in picked])), files=files)
 
 
 def _write_skipped(out: Path, skipped: list[dict]) -> Path:

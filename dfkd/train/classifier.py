@@ -13,8 +13,9 @@ from ..cards import build_arch, save_card
 from ..errors import DfkdError
 from ..images import InputSpec, open_labeled
 from ..index import write_index
-from ..rundir import write_manifest
-from ..runtime import default_workers, resolve_device
+from ..pool import data_digest
+from ..rundir import open_run, write_manifest
+from ..runtime import setup
 from .data import ImageSet, decode_images, split
 from .loop import LoopConfig, accuracy, run_loop
 
@@ -62,11 +63,13 @@ def data_stats(data: ImageSet) -> tuple[list[float], list[float]]:
 def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConfig, *, size: int | None = None,
                      channels: int | None = None, val_split: float = 0.1, arch_args: dict | None = None,
                      workers: int | None = None, device: str = "auto", stop_after: int | None = None,
-                     on_event: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train ``arch`` from scratch on an ImageFolder/index; write ``out/model.yaml``."""
+                     overwrite: bool = False, on_event: Callable[[dict], None] | None = None) -> TrainResult | None:
+    """Train ``arch`` from scratch on an ImageFolder/index; write ``out/model.yaml``.
+
+    Under torchrun: DistributedDataParallel, ``cfg.batch_size`` global; rank 0 returns the result."""
     out = Path(out)
-    dev = resolve_device(device)
-    workers = default_workers(dev) if workers is None else workers
+    cfg.check()
+    rt = setup(device, cfg.amp, workers)
     index, classes = open_labeled(data)
     labels = index.labels()
     if min(labels) < 0:
@@ -74,21 +77,28 @@ def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConf
     num_classes = len(classes) or max(labels) + 1
     spec = infer_spec(index.paths, size, channels)
     build_arch(arch, num_classes, spec.channels, arch_args)  # fail on a bad arch before decoding
-    full = decode_images(index.paths, spec, labels, workers=workers, what="--data",
-                         on_progress=(lambda d, t: on_event({"event": "decode", "done": d, "total": t}))
-                         if on_event else None)
-    spec.mean, spec.std = data_stats(full)
-    train, val = split(full, val_split, cfg.seed) if val_split > 0 else (full, None)
-    torch.manual_seed(cfg.seed)
-    model = build_arch(arch, num_classes, spec.channels, arch_args)
-    write_index(out / "skipped.tsv", full.skipped, ["path", "reason"])
-    result = run_loop(model, CrossEntropy(), train, spec, cfg, out, dev, val=val, stop_after=stop_after,
-                      on_event=on_event)
-    val_top1 = accuracy(model, val, spec, dev, cfg) if val is not None else float("nan")
-    card = save_card(out / "model.yaml", arch, num_classes, spec, model.state_dict(), arch_args,
-                     classes=classes or None, kind="classifier",
-                     notes=f"trained by dfkd train on {data}; {val_split:.0%} validation split top-1 {val_top1:.4f}")
-    write_manifest(out, "train", {"arch": arch, "val_split": val_split, "size": list(spec.size),
-                                  "channels": spec.channels, **asdict(cfg)},
-                   {"data": data}, summary={"val_top1": val_top1, "best": result.best, "steps": result.steps})
-    return TrainResult(card, val_top1, result.best, result.steps, len(full.skipped), result.resumed_from)
+    with open_run(out, "train", rt.ranks) as run:
+        run.claim({"arch": arch, "arch_args": arch_args, "data": data_digest(data), "size": size,
+                   "channels": channels, "val_split": val_split, "config": asdict(cfg)}, overwrite)
+        full = decode_images(index.paths, spec, labels, workers=rt.workers, what="--data",
+                             on_progress=(lambda d, t: on_event({"event": "decode", "done": d, "total": t}))
+                             if on_event else None)
+        full.skipped = index.problems + full.skipped
+        spec.mean, spec.std = data_stats(full)
+        train, val = split(full, val_split, cfg.seed) if val_split > 0 else (full, None)
+        torch.manual_seed(cfg.seed)
+        model = build_arch(arch, num_classes, spec.channels, arch_args)
+        if rt.ranks.main:
+            write_index(out / "skipped.tsv", full.skipped, ["path", "reason"])
+        result = run_loop(model, CrossEntropy(), train, spec, cfg, out, rt, val=val, stop_after=stop_after,
+                          on_event=on_event)
+        if not rt.ranks.main:
+            return None
+        val_top1 = accuracy(model, val, spec, rt.device, cfg) if val is not None else float("nan")
+        card = save_card(out / "model.yaml", arch, num_classes, spec, model.state_dict(), arch_args,
+                         classes=classes or None, kind="classifier",
+                         notes=f"trained by dfkd train on {data}; {val_split:.0%} validation split top-1 {val_top1:.4f}")
+        write_manifest(out, "train", {"arch": arch, "val_split": val_split, "size": list(spec.size),
+                                      "channels": spec.channels, **asdict(cfg)},
+                       {"data": data}, summary={"val_top1": val_top1, "best": result.best, "steps": result.steps})
+        return TrainResult(card, val_top1, result.best, result.steps, len(full.skipped), result.resumed_from)

@@ -5,6 +5,14 @@ batch to the student (and the frozen teacher), ask the objective for its named l
 back-propagate ``loss``. ``last.pt`` is written atomically every ``checkpoint_every`` steps
 and at the end; a run started again with the same command resumes from it and ends with
 the same weights (batches and augmentation are seeded by epoch and step, not by history).
+
+Under torchrun the student (and an objective with parameters of its own: DFND's θ, MLKD's h,
+MEAL V2's discriminator) is wrapped in DistributedDataParallel; the frozen teacher never is.
+``batch_size`` is the global batch: every rank draws the same global batch and trains on its
+own contiguous part of it (with that part's share of the batch's augmentation draws), so the
+batches, the steps and the schedule are those of one process. Rank 0 alone writes the
+checkpoints and metrics; on a resume every rank reads ``last.pt`` (``--out`` on a filesystem
+all nodes see).
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ from ..errors import DfkdError
 from ..images import InputSpec, normalize
 from ..io import atomic_write
 from ..models.features import FeatureTap
-from ..runtime import autocast
+from ..runtime import Runtime, autocast
 from .augment import AUGMENTS, augment_batch
 from .data import ImageSet
 
@@ -106,8 +114,17 @@ def accuracy(model: nn.Module, data: ImageSet, spec: InputSpec, device: torch.de
     return int((pred == data.labels).sum()) / max(1, len(data))
 
 
+def _distributed(module: nn.Module, rt: Runtime, **kw) -> nn.Module:
+    """``module`` under DistributedDataParallel when there are several ranks and it has weights to train."""
+    if rt.ranks.world == 1 or not any(p.requires_grad for p in module.parameters()):
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[rt.device] if rt.device.type == "cuda" else None, **kw)
+
+
 def run_loop(model: nn.Module, objective: nn.Module, data: ImageSet, spec: InputSpec, cfg: LoopConfig,
-             out: Path, device: torch.device, *, teacher: nn.Module | None = None,
+             out: Path, rt: Runtime, *, teacher: nn.Module | None = None,
              val: ImageSet | None = None, stop_after: int | None = None,
              extra_optimizers: Sequence[torch.optim.Optimizer] = (),
              on_event: Callable[[dict], None] | None = None) -> LoopResult:
@@ -116,7 +133,10 @@ def run_loop(model: nn.Module, objective: nn.Module, data: ImageSet, spec: Input
     ``extra_optimizers`` step the objective's own parameters (DFND's θ) beside the model's SGD.
     """
     cfg.check()
-    out.mkdir(parents=True, exist_ok=True)
+    device, ranks = rt.device, rt.ranks
+    if cfg.batch_size < ranks.world:
+        raise DfkdError(f"--batch-size {cfg.batch_size}: the global batch must give every one of the"
+                        f" {ranks.world} ranks at least one image")
     ckpt_dir = out / "checkpoints"
     per_epoch = max(1, len(data) // cfg.batch_size)
     total = cfg.steps or cfg.epochs * per_epoch
@@ -150,20 +170,26 @@ def run_loop(model: nn.Module, objective: nn.Module, data: ImageSet, spec: Input
             o.load_state_dict(o_state)
         step, best = state["step"], state.get("best")
     resumed_from = step
+    train_model, train_objective = _distributed(model, rt), _distributed(objective, rt, find_unused_parameters=True)
     metrics = out / "metrics.jsonl"
-    _truncate_metrics(metrics, step)
-    log = open(metrics, "a", encoding="utf-8")
+    log = None
+    if ranks.main:
+        _truncate_metrics(metrics, step)
+        log = open(metrics, "a", encoding="utf-8")
 
     def save(path: Path) -> None:
+        if not ranks.main:
+            return
         state = {"model": model.state_dict(), "objective": objective.state_dict(),
                  "optimizer": optimizer.state_dict(), "step": step, "best": best, "config": asdict(cfg),
                  "extra_optimizers": [o.state_dict() for o in extras]}
         atomic_write(path, lambda f: torch.save(state, f), "wb")
 
     def emit(record: dict) -> None:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        if on_event:
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if on_event and ranks.main:
             on_event(record)
 
     if teacher is not None:
@@ -172,16 +198,19 @@ def run_loop(model: nn.Module, objective: nn.Module, data: ImageSet, spec: Input
     sums: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
     seen, tick, record = 0, time.perf_counter(), {}
     perm, perm_epoch = None, -1
-    if on_event:
+    if on_event and ranks.main:
         on_event({"event": "start", "step": step, "total": total, "per_epoch": per_epoch})
     try:
         while step < total and (stop_after is None or step < stop_after):
             epoch, i = divmod(step, per_epoch)
             if epoch != perm_epoch:
                 perm, perm_epoch = torch.randperm(len(data), generator=_generator(cfg.seed, epoch)), epoch
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(images.device)
+            batch = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            offset, part = _part(len(batch), ranks.rank, ranks.world)
+            idx = batch[offset:offset + part].to(images.device)
             gen = _generator(cfg.seed, epoch, i, 1)
-            x = augment_batch(images[idx].to(device, non_blocking=True), cfg.augment, cfg.pad, gen)
+            x = augment_batch(images[idx].to(device, non_blocking=True), cfg.augment, cfg.pad, gen,
+                              offset=offset, total=len(batch))
             x = normalize(x, spec, device, cfg.channels_last)
             y = labels[idx].to(device, non_blocking=True)
             factor = lr_factor(cfg, step, total)
@@ -196,9 +225,9 @@ def run_loop(model: nn.Module, objective: nn.Module, data: ImageSet, spec: Input
                 if teacher is not None:
                     with torch.no_grad():
                         t_logits = teacher(x).float()
-                s_logits = model(x).float()
+                s_logits = train_model(x).float()
             feats = (taps[0].value, taps[1].value) if taps else ()
-            losses = objective(s_logits, t_logits, y, *feats)
+            losses = train_objective(s_logits, t_logits, y, *feats)
             loss = losses["loss"]
             for o in (optimizer, *extras):
                 o.zero_grad(set_to_none=True)
@@ -206,7 +235,7 @@ def run_loop(model: nn.Module, objective: nn.Module, data: ImageSet, spec: Input
             for o in (optimizer, *extras):
                 o.step()
             step += 1
-            seen += len(idx)
+            seen += len(batch)
             for k, v in losses.items():
                 sums[k] = sums[k] + v.detach() if k in sums else v.detach().float().clone()
             end_of_epoch = step % per_epoch == 0 or step == total
@@ -214,12 +243,15 @@ def run_loop(model: nn.Module, objective: nn.Module, data: ImageSet, spec: Input
             if step % cfg.log_every == 0 or end_of_epoch or checkpoint:
                 now = time.perf_counter()
                 n = max(1, step - (record.get("step", resumed_from)))
-                means = {k: float(v) / n for k, v in sums.items()}
-                if not math.isfinite(means["loss"]):  # checked before anything is saved
+                names = sorted(sums)
+                mean = ranks.all_sum(torch.stack([sums[k] for k in names]).float()) / (n * ranks.world)
+                means = dict(zip(names, mean.tolist()))
+                if not math.isfinite(means["loss"]):  # checked before anything is saved, on every rank
                     raise DfkdError(f"loss became {means['loss']} before step {step} (lr {cfg.lr * factor:.3g});"
                                     " lower --lr, or try --no-amp")
                 record = {"step": step, "epoch": round(step / per_epoch, 3), "lr": cfg.lr * factor,
-                          "images_per_s": round(seen / max(1e-9, now - tick), 1), **means}
+                          "images_per_s": round(seen / max(1e-9, now - tick), 1),
+                          **{k: means[k] for k in losses}}
                 sums, seen, tick = {}, 0, now
                 if end_of_epoch and val is not None:
                     record["val_top1"] = accuracy(model, val, spec, device, cfg)
@@ -230,12 +262,19 @@ def run_loop(model: nn.Module, objective: nn.Module, data: ImageSet, spec: Input
             if checkpoint:
                 save(last_path)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         for tap in taps or ():
             tap.remove()
     if step < total:  # stopped early (stop_after); a finished run saved at its last step
         save(last_path)
     return LoopResult(step, step / per_epoch, record, best, resumed_from)
+
+
+def _part(n: int, rank: int, world: int) -> tuple[int, int]:
+    """(offset, size) of this rank's contiguous part of a batch of ``n`` (the first ranks take one more)."""
+    size, extra = divmod(n, world)
+    return rank * size + min(rank, extra), size + (rank < extra)
 
 
 GPU_RESIDENT_BYTES = 4 << 30

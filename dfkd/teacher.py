@@ -1,4 +1,9 @@
-"""Teacher ensembles (MEAL V2, Shen & Savvides 2020): the average of the teachers' softmax.
+"""Teachers: the one place a card, a TorchScript file or several cards become a frozen model.
+
+:func:`load_teacher` checks the cards agree, loads each on the device and, for several, wraps
+them in a :class:`TeacherEnsemble`; nothing else builds teachers.
+
+Teacher ensembles (MEAL V2, Shen & Savvides 2020): the average of the teachers' softmax.
 
 The ensemble returns "logits" ẑ = T·log(mean_i softmax(z_i / T)), so that softmax(ẑ / T) is
 exactly the averaged probability at the distillation temperature T, and every KD objective
@@ -8,16 +13,20 @@ re-normalised to what its own card asks.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cards import ModelCard
-from ..errors import DfkdError
-from ..images import InputSpec
+from .cards import ModelCard, load_model
+from .errors import DfkdError
+from .images import InputSpec
+from .io import file_sha256
 
 
 def ensemble_logits(logits: Sequence[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
@@ -73,3 +82,45 @@ def ensemble_accuracy(cards: Sequence[ModelCard]) -> dict:
     if all(c.accuracy is not None for c in cards):
         return {"class_accuracy": None, "accuracy": sum(c.accuracy for c in cards) / len(cards)}
     return {"class_accuracy": None, "accuracy": None}
+
+
+@dataclass
+class Teacher:
+    """A frozen teacher (one model or an ensemble) and the cards it came from; ``cards[0]``'s
+    input description is what the teacher (and a student distilled from it) is fed."""
+
+    cards: list[ModelCard]
+    model: nn.Module
+
+    @property
+    def card(self) -> ModelCard:
+        return self.cards[0]
+
+    @property
+    def members(self) -> list[nn.Module]:
+        return list(self.model.members) if isinstance(self.model, TeacherEnsemble) else [self.model]
+
+    def identity(self) -> list[str]:
+        """Content digests of the cards, weights and inputs: what a run directory is bound to."""
+        return [card_digest(c) for c in self.cards]
+
+
+def card_digest(card: ModelCard) -> str:
+    h = hashlib.sha256()
+    for f in (card.path, card.weights, card.torchscript):
+        if f:
+            h.update(file_sha256(f).encode())
+    h.update(json.dumps(card.input.to_dict()).encode())
+    return h.hexdigest()
+
+
+def load_teacher(cards: ModelCard | Sequence[ModelCard], device: torch.device, temperature: float = 1.0) -> Teacher:
+    """The frozen teacher of ``cards`` on ``device``: one model, or MEAL V2's averaged ensemble."""
+    cards = [cards] if isinstance(cards, ModelCard) else list(cards)
+    check_compatible(cards)
+    members = [load_model(c, device) for c in cards]
+    for m in members:
+        for p in m.parameters():
+            p.requires_grad_(False)
+    model = members[0] if len(members) == 1 else TeacherEnsemble(members, [c.input for c in cards], temperature)
+    return Teacher(cards, model)

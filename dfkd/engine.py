@@ -1,0 +1,190 @@
+"""The scoring engine: stream rows of images through a model, sharded over ranks, in order.
+
+``select``, ``expand`` and ``eval`` are policies over it. The rows ``start:stop`` of a source
+are cut into blocks of ``batch_size``; block ``b`` is decoded and scored by rank ``b % world``
+(and, inside a rank, by one of its decoding workers in turn). After every step the ranks'
+per-row results are gathered so that rank 0 receives them in row order, exactly as one
+process would produce them: the same blocks go through the model whatever the world size.
+Bad files come back as rows with a reason; an error on any rank stops every rank.
+
+:class:`RowFile` keeps a command's per-row results on disk (one line per row, flushed each
+step), so that scoring resumes where it stopped and selection can read the rows back in one
+streaming pass.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import DfkdError
+from .images import BadImage, InputSpec, image_tensor, normalize
+from .io import write_json
+from .pool import Listing, list_pool
+from .rundir import RunDir
+from .runtime import Runtime, autocast, loader
+
+# (outputs[n, ...] float32 CPU, labels[n], paths, errors) -> one tuple per row
+RowFn = Callable[[torch.Tensor, torch.Tensor, list[str], list[str]], list[tuple]]
+
+
+class _Blocks(torch.utils.data.IterableDataset):
+    """This rank's blocks of rows, decoded: items ``(block, images, labels, paths, errors)``."""
+
+    def __init__(self, rows: Callable[[], Iterator[dict]], batch_size: int, spec: InputSpec, rank: int, world: int):
+        self.rows, self.batch_size, self.spec, self.rank, self.world = rows, batch_size, spec, rank, world
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers, me = (info.num_workers, info.id) if info else (1, 0)
+        rows = self.rows()
+        for b in itertools.count():
+            chunk = list(itertools.islice(rows, self.batch_size))
+            if not chunk:
+                return
+            if b % self.world == self.rank and (b // self.world) % workers == me:
+                yield (b, *self._decode(chunk))
+
+    def _decode(self, chunk: list[dict]):
+        images = torch.zeros(len(chunk), self.spec.channels, *self.spec.size, dtype=torch.uint8)
+        errors = [""] * len(chunk)
+        for i, row in enumerate(chunk):
+            try:
+                images[i] = image_tensor(row["path"], self.spec)
+            except BadImage as e:
+                errors[i] = str(e)
+        labels = torch.tensor([int(r.get("label") or -1) for r in chunk], dtype=torch.long)
+        return images, labels, [r["path"] for r in chunk], errors
+
+
+def stream(model: nn.Module, spec: InputSpec, rows: Callable[[], Iterator[dict]], count: int, row_fn: RowFn,
+           rt: Runtime, *, batch_size: int = 256,
+           forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> Iterator[list[tuple]]:
+    """Yield, once per step, the per-row results of the next rows (in row order on rank 0; an
+    empty list on the other ranks). ``rows()`` streams the ``count`` rows to score."""
+    if batch_size < 1:
+        raise DfkdError(f"--batch-size {batch_size}: must be at least 1")
+    ranks = rt.ranks
+    if not isinstance(model, torch.jit.ScriptModule):
+        model = model.to(memory_format=torch.channels_last)
+    blocks = math.ceil(count / batch_size)
+    data = loader(_Blocks(rows, batch_size, spec, ranks.rank, ranks.world), None, rt.workers, rt.device)
+    batches = iter(data)
+    for step in range(math.ceil(blocks / ranks.world)):
+        b = step * ranks.world + ranks.rank
+        payload = None
+        if b < blocks:
+            got, images, labels, paths, errors = next(batches)
+            assert got == b, f"block {got} arrived for {b}"
+            try:
+                with torch.inference_mode():
+                    x = normalize(images, spec, rt.device, True)
+                    with autocast(rt.device, rt.amp):
+                        out = forward(model, x) if forward else model(x)
+                    payload = (row_fn(out.float().cpu(), labels, paths, list(errors)), None)
+            except DfkdError as e:
+                payload = (None, str(e))
+        gathered = ranks.all_gather(payload)
+        ranks.agree(next((p[1] for p in gathered if p and p[1]), None))
+        yield [r for p in gathered if p for r in p[0]] if ranks.main else []
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return repr(v)
+    return str(v).replace("\t", " ").replace("\n", " ").replace("\r", " ")
+
+
+class RowFile:
+    """Per-row results on disk, one tab-separated line per row in row order (rank 0 writes)."""
+
+    def __init__(self, path: Path, types: Sequence[type]):
+        self.path, self.types = Path(path), list(types)
+
+    def done(self) -> int:
+        """Rows already written by an earlier attempt; a torn last line is dropped."""
+        if not self.path.is_file():
+            return 0
+        with open(self.path, "r+b") as f:
+            data = f.read()
+            keep = data.rfind(b"\n") + 1
+            if keep != len(data):
+                f.truncate(keep)
+        return data.count(b"\n", 0, keep)
+
+    def append(self, rows: list[tuple]) -> None:
+        if not rows:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join("\t".join(_cell(v) for v in r) + "\n" for r in rows))
+            f.flush()
+
+    def __iter__(self) -> Iterator[tuple]:
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                cells = line.rstrip("\n").split("\t")
+                yield tuple(t(c) for t, c in zip(self.types, cells))
+
+
+@dataclass
+class Segment:
+    """Rows ``lo:hi`` of a listing and their scores: one run, or one shard of a merge."""
+
+    listing: Listing
+    lo: int
+    hi: int
+    rows: RowFile
+
+    def __iter__(self) -> Iterator[tuple[dict, tuple]]:
+        return zip(self.listing.rows(self.lo, self.hi), self.rows)
+
+
+def score_run(run: RunDir, rt: Runtime, pool: str | Path, flag: str, identity: dict, model: nn.Module,
+              spec: InputSpec, row_fn: RowFn, types: Sequence[type], *, batch_size: int,
+              shard: tuple[int, int] | None = None, overwrite: bool = False, info: dict | None = None,
+              on_progress: Callable[[int, int], None] | None = None,
+              forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> Segment:
+    """List ``pool`` (or slice ``i`` of ``n``) and score it into ``run``'s ``.scoring/``.
+
+    The run is bound to ``identity`` plus the pool's digest and the shard; a run with the same
+    identity resumes from the rows already written."""
+    out, ranks = run.path, rt.ranks
+    i, n = shard or (0, 1)
+    fresh = out / ".pool-listing.tsv"
+    listing = list_pool(pool, fresh, flag) if ranks.main else None
+    columns, count, digest, problems = ranks.broadcast(
+        None if listing is None else (listing.columns, listing.count, listing.digest, listing.problems))
+    identity = {**identity, "pool": digest, "shard": [i, n] if shard else None}
+    try:
+        resumed = run.claim(identity, overwrite)
+    except DfkdError:
+        fresh.unlink(missing_ok=True)
+        raise
+    state = out / ".scoring"
+    rows = RowFile(state / "rows.tsv", types)
+    if ranks.main:
+        state.mkdir(exist_ok=True)
+        if not resumed:
+            rows.path.unlink(missing_ok=True)
+        os.replace(fresh, state / "pool.tsv")
+        write_json(state / "shard.json", {"shard": [i, n], "count": count, "pool": str(Path(pool).resolve()),
+                                          "identity": identity, **(info or {})})
+    lo, hi = i * count // n, (i + 1) * count // n
+    done = ranks.broadcast(rows.done() if ranks.main else None)
+    listing = Listing(state / "pool.tsv", columns, count, digest, Path(pool), problems)
+    if on_progress:
+        on_progress(done, hi - lo)
+    for got in stream(model, spec, lambda: listing.rows(lo + done, hi), hi - lo - done, row_fn, rt,
+                      batch_size=batch_size, forward=forward):
+        if ranks.main:
+            rows.append(got)
+            done += len(got)
+            if on_progress:
+                on_progress(done, hi - lo)
+    return Segment(listing, lo, hi, rows)
