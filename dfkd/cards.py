@@ -9,6 +9,7 @@ accepted wherever a card is, with its input described by flags.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from .images import InputSpec
 from .io import atomic_write, write_text
 from .models import ARCHS
 
+TRUST_CODE = "DFKD_TRUST_CODE"  # "1": python:<module>:<callable> arches may be imported and called
 CARD_KEYS = {"arch", "arch_args", "num_classes", "weights", "torchscript", "input", "classes",
              "accuracy", "class_accuracy", "kind", "notes", "pu"}
 
@@ -117,6 +119,10 @@ def arch_builder(arch: str, where: Path | str = "--arch"):
         return lambda num_classes, in_channels=3, **kw: torchvision.models.get_model(
             name, weights=None, num_classes=num_classes, **kw)
     if arch.startswith("python:"):
+        if os.environ.get(TRUST_CODE) != "1":
+            raise DfkdError(f"{where}: arch {arch!r} imports and runs code named by the card; dfkd runs no such"
+                            f" code unless told to: add --trust-code (dfkd --trust-code COMMAND ...) or set"
+                            f" {TRUST_CODE}=1, if you trust where it comes from")
         try:
             _, module, fn = arch.split(":", 2)
             return getattr(importlib.import_module(module), fn)
@@ -142,7 +148,11 @@ def read_state_dict(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DfkdError(f"{path}: cannot read weights ({str(e).splitlines()[0][:200]})") from None
+        text = str(e)
+        if "weights_only" in text or "Weights only load failed" in text:
+            raise DfkdError(f"{path}: holds pickled code or objects, not just weights; dfkd loads weights only"
+                            " (save a state_dict: torch.save(model.state_dict(), path))") from None
+        raise DfkdError(f"{path}: cannot read weights ({text.splitlines()[0][:200]})") from None
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

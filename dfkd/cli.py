@@ -38,6 +38,18 @@ POSITIVE = typer.Option(..., help="A few original images: directory (class folde
 UNLABELED = typer.Option(..., help="The wild pool: directory or index.")
 
 
+@app.callback()
+def _options(trust_code: bool = typer.Option(
+        False, "--trust-code", help="Allow python:<module>:<callable> arches, which import and run code named by"
+                                    " a card or flag (as DFKD_TRUST_CODE=1 does). Only for cards you trust.")) -> None:
+    if trust_code:
+        import os
+
+        from .cards import TRUST_CODE
+
+        os.environ[TRUST_CODE] = "1"
+
+
 def command(fn):
     """Register ``fn`` as a subcommand; bad input ends with one line on stderr and exit 2."""
     @functools.wraps(fn)

@@ -21,7 +21,20 @@ def _merge(base: dict, over: dict, where: str, prefix: str = "") -> None:
         if isinstance(base.get(key), dict) and isinstance(value, dict):
             _merge(base[key], value, where, name + ".")
         else:
-            base[key] = value
+            base[key] = _typed(base.get(key), value, f"{where}: {name}")
+
+
+def _typed(default: Any, value: Any, where: str) -> Any:
+    """``value`` as the type of the key's default (an int is a fine float); a mismatch is an error."""
+    if default is None or value is None or isinstance(default, dict):
+        return value
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    raise DfkdError(f"{where}={value!r}: expected {'a number' if kind in (int, float) else 'a ' + kind.__name__}"
+                    f" like {default!r}")
 
 
 def parse_set(item: str) -> dict:
@@ -52,6 +65,8 @@ def resolve_config(defaults: dict, config_file: str | Path | None = None, sets: 
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise DfkdError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError:
+            raise DfkdError(f"--config {path}: not a text (YAML) file") from None
         if not isinstance(data, dict):
             raise DfkdError(f"--config {path}: expected a mapping of config keys")
         _merge(cfg, data, f"--config {path}")

@@ -26,6 +26,8 @@ def export_model(card: ModelCard, fmt: str, out: str | Path, samples: int = 8, s
     if fmt not in FORMATS:
         raise DfkdError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     out = Path(out)
+    if out.is_dir():
+        raise DfkdError(f"--out {out}: is a directory; give the file to write")
     model = load_model(card, "cpu")
     x = torch.randn(samples, card.input.channels, *card.input.size, generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():

@@ -66,13 +66,34 @@ def test_weights_are_loaded_without_unpickling_code(tmp_path: Path):
     bad = tmp_path / "evil.pt"
     bad.write_bytes(pickle.dumps({"x": Evil()}))
     card = write_card(tmp_path / "evil.yaml", arch="resnet8", num_classes=3, weights="evil.pt")
-    with pytest.raises(DfkdError, match="cannot read weights"):
+    with pytest.raises(DfkdError, match="holds pickled code or objects") as e:
         load_model(load_card(card))
+    assert "weights_only=False" not in str(e.value)  # no hint to switch the protection off
 
 
-def test_torchvision_python_and_torchscript_models(tmp_path: Path, random_teacher: Path):
+def test_python_arches_run_only_with_trust_code(tmp_path: Path, pattern_folder: Path, monkeypatch):
+    """A downloaded card must not run code: `arch: python:os:system` is never called unless trusted."""
+    from typer.testing import CliRunner
+
+    from dfkd.cli import app
+
+    monkeypatch.delenv("DFKD_TRUST_CODE", raising=False)
+    marker = tmp_path / "pwned"
+    card = write_card(tmp_path / "evil.yaml", arch="python:os:system", num_classes=2,
+                      arch_args={"command": f"touch {marker}"})
+    with pytest.raises(DfkdError, match="--trust-code"):
+        load_card(card)
+    res = CliRunner().invoke(app, ["eval", "--model", str(card), "--data", str(tmp_path)])
+    assert res.exit_code == 2 and "--trust-code" in res.stderr and not marker.exists()
+    res = CliRunner().invoke(app, ["train", "--arch", "python:os:system", "--data", str(pattern_folder), "--out",
+                                   str(tmp_path / "t")])
+    assert res.exit_code == 2 and "--trust-code" in res.stderr and not marker.exists()
+
+
+def test_torchvision_python_and_torchscript_models(tmp_path: Path, random_teacher: Path, monkeypatch):
     tv = load_model(load_card(write_card(tmp_path / "tv.yaml", arch="torchvision:resnet18", num_classes=4)))
     assert tv(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+    monkeypatch.setenv("DFKD_TRUST_CODE", "1")
     py = load_model(load_card(write_card(tmp_path / "py.yaml", arch="python:dfkd.models.resnet:CifarResNet",
                                          num_classes=5, arch_args={"blocks": [1], "widths": [8]})))
     assert py(torch.zeros(1, 3, 8, 8)).shape == (1, 5)

@@ -81,6 +81,8 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
              on_event: Callable[[dict], None] | None = None) -> PuResult | None:
     """Train the PU classifier; write ``out/pu.yaml`` and its weights."""
     out = Path(out)
+    if reduction < 1:
+        raise DfkdError(f"--reduction {reduction}: must be at least 1")
     if not 0 < positive_share < 1:
         raise DfkdError(f"--positive-share {positive_share}: must be in (0, 1)")
     objective = NnpuObjective(prior, beta, gamma)

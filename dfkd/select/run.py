@@ -202,6 +202,9 @@ def finish(segments: list[Segment], card: ModelCard, out: Path, *, num: int | No
 
     files = {"scores": write_index(out / "scores.tsv", scored(), columns)}
     picked = choice.result() if select else []
+    if select and not picked:
+        raise DfkdError(f"--max-noise {max_score}: no scored image has a score that low (the smallest is"
+                        f" {float(values.min()):.4g}); the scores are in {files['scores']}")
     if select:
         files["selected"] = write_index(out / "selected.tsv", picked, columns)
     files["skipped"] = _write_skipped(out, skipped)

@@ -39,6 +39,10 @@ class TrainResult:
 
 def infer_spec(paths: list[str], size: int | None, channels: int | None) -> InputSpec:
     """Size and channels from the flags, else from the first decodable image (grey -> 1 channel)."""
+    if size is not None and size < 1:
+        raise DfkdError(f"--size {size}: must be at least 1")
+    if channels is not None and channels not in (1, 3):
+        raise DfkdError(f"--channels {channels}: must be 1 or 3")
     if size is None or channels is None:
         for p in paths[:50]:
             try:
@@ -75,6 +79,10 @@ def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConf
     if min(labels) < 0:
         raise DfkdError(f"--data {data}: some rows have no label (-1)")
     num_classes = len(classes) or max(labels) + 1
+    empty = sorted(set(range(num_classes)) - set(labels))
+    if not classes and empty:
+        raise DfkdError(f"--data {data}: labels must be 0..K-1; label {max(labels)} leaves class(es)"
+                        f" {', '.join(map(str, empty[:5]))}{' ...' if len(empty) > 5 else ''} without images")
     spec = infer_spec(index.paths, size, channels)
     build_arch(arch, num_classes, spec.channels, arch_args)  # fail on a bad arch before decoding
     with open_run(out, "train", rt.ranks) as run:

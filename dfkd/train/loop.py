@@ -63,8 +63,14 @@ class LoopConfig:
             raise DfkdError(f"optimizer {self.optimizer!r}: expected sgd or adam")
         if self.schedule not in ("cosine", "multistep", "constant"):
             raise DfkdError(f"schedule {self.schedule!r}: expected cosine, multistep or constant")
-        if self.batch_size < 1 or self.lr <= 0 or (self.steps is None and self.epochs < 1):
-            raise DfkdError("batch_size, lr and epochs/steps must be positive")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or self.steps < 1):
+            raise DfkdError(f"--steps {self.steps}: must be a whole number of at least 1")
+        for name in ("batch_size", "epochs", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise DfkdError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if not self.lr > 0:
+            raise DfkdError(f"--lr {self.lr}: must be positive")
 
 
 def lr_factor(cfg: LoopConfig, step: int, total: int) -> float:
@@ -293,6 +299,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records written after the checkpoint we resume from (they will be redone)."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-            if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    keep = []
+    for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(ln).get("step", 0) <= step:
+                keep.append(ln)
+        except ValueError:  # a line torn by a killed run
+            continue
     path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")

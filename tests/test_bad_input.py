@@ -1,0 +1,62 @@
+"""Bad flags, configs and outputs: one line on stderr naming the flag or file, exit 2, never a
+traceback (the fault-injection cases of the reliability issue), run as a user runs them."""
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dfkd.cli import app
+from dfkd.train.loop import _truncate_metrics
+
+
+@pytest.fixture
+def env(tmp_path, pattern_folder, random_teacher):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    return {"T": str(random_teacher), "P": str(pattern_folder), "O": str(tmp_path / "out"),
+            "F": str(tmp_path / "afile"), "B": str(tmp_path / "binary.yaml"), "D": str(tmp_path)}
+
+
+CASES = [
+    ("select --teacher {T} --pool {P} --out {O} --max-noise -1", "--max-noise -1"),
+    ("select --teacher {T} --pool {P} --out {O} --batch-size 0", "--batch-size 0"),
+    ("select --teacher {T} --pool {P} --out {O} --workers -1", "--workers -1"),
+    ("select --teacher {T} --pool {P} --out {F}", "is a file"),
+    ("select --teacher {T} --pool {P} --out {O} --shard 3/2", "--shard 3/2"),
+    ("train --arch resnet8 --data {P} --out {O} --steps 0", "--steps 0"),
+    ("train --arch resnet8 --data {P} --out {O} --steps -3", "--steps -3"),
+    ("train --arch resnet8 --data {P} --out {O} --set lr=abc", "lr='abc'"),
+    ("train --arch resnet8 --data {P} --out {O} --set batch_size=big", "batch_size='big'"),
+    ("train --arch resnet8 --data {P} --out {O} --set epochs=[1,2]", "epochs=[1, 2]"),
+    ("train --arch resnet8 --data {P} --out {O} --config {B}", "--config"),
+    ("train --arch resnet8 --data {P} --out {O} --channels 2", "--channels 2"),
+    ("train --arch resnet8 --data {P} --out {O} --size 0", "--size 0"),
+    ("train --arch resnet8 --data {P} --out {O} --batch-size 0", "--batch-size 0"),
+    ("pu-train --teacher {T} --positive {P} --unlabeled {P} --out {O} --prior 0.5 --reduction 0", "--reduction 0"),
+    ("export --model {T} --out {D}", "is a directory"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", CASES, ids=[c[0].split(" --out")[0][:40] + c[1] for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(env, args, fragment):
+    res = CliRunner().invoke(app, args.format(**env).split())
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2, res.output
+    assert fragment in lines[-1] and len([ln for ln in lines if "error" in ln]) == 1, res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_label_beyond_the_classes_is_refused(tmp_path, pattern_folder):
+    rows = [f"{p}\t{0 if i % 2 else 42}" for i, p in enumerate(sorted(pattern_folder.rglob("*.png")))]
+    (tmp_path / "idx.tsv").write_text("path\tlabel\n" + "\n".join(rows) + "\n")
+    res = CliRunner().invoke(app, ["train", "--arch", "resnet8", "--data", str(tmp_path / "idx.tsv"),
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "label 42 leaves class(es) 1, 2, 3" in res.stderr
+
+
+def test_a_torn_metrics_line_is_dropped(tmp_path):
+    m = tmp_path / "metrics.jsonl"
+    m.write_text(json.dumps({"step": 1}) + "\n" + json.dumps({"step": 2}) + "\n" + '{"step": 3, "lo')
+    _truncate_metrics(m, 5)
+    assert [json.loads(ln)["step"] for ln in m.read_text().splitlines()] == [1, 2]
