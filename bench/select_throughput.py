@@ -34,7 +34,8 @@ from common import CpuShare, fmt_rate, header, pool_index, random_card, raw_forw
 from dfkd.cards import load_card, load_model  # noqa: E402
 from dfkd.images import open_pool  # noqa: E402
 from dfkd.engine import stream  # noqa: E402
-from dfkd.runtime import SINGLE_RANK, Runtime, default_workers, resolve_device  # noqa: E402
+from dfkd.dist import SINGLE  # noqa: E402
+from dfkd.runtime import Runtime, default_workers, resolve_device  # noqa: E402
 from dfkd.select.run import select_pool  # noqa: E402
 from dfkd.train.data import decode_images  # noqa: E402
 
@@ -109,7 +110,7 @@ def main(argv=None) -> None:
 
         def run_engine():
             rows = [{"path": p} for p in paths]
-            rt = Runtime(dev, amp, default_w, SINGLE_RANK)
+            rt = Runtime(dev, amp, default_w, SINGLE)
             for _ in stream(model, card.input, lambda: iter(rows), len(rows),
                             lambda out, labels, p, errors: [(float(v),) for v in out.max(1).values], rt,
                             batch_size=args.batch_size):

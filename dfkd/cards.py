@@ -103,8 +103,13 @@ def _torchscript_card(path: Path, overrides: dict) -> ModelCard:
     except Exception:
         raise DfkdError(f"{path}: neither a YAML model card (.yaml) nor a TorchScript file") from None
     spec = InputSpec.from_dict(overrides, f"{path}: input flags")
-    with torch.inference_mode():
-        out = module(torch.zeros(1, spec.channels, *spec.size))
+    try:
+        with torch.inference_mode():
+            out = module(torch.zeros(1, spec.channels, *spec.size))
+    except Exception as e:
+        raise DfkdError(f"{path}: the TorchScript model does not take a 1x{spec.channels}x{spec.size[0]}x"
+                        f"{spec.size[1]} input ({str(e).strip().splitlines()[-1][:160]}); give its input with"
+                        " --input-size and --input-channels") from None
     return ModelCard(path=path, num_classes=int(out.shape[-1]), input=spec, torchscript=path)
 
 

@@ -32,7 +32,8 @@ BATCH_SIZE = typer.Option(None, help="Global batch size (overrides the config); 
 OVERWRITE = typer.Option(False, "--overwrite", help="Start afresh in an --out that holds a run with other inputs.")
 CONFIG = typer.Option(None, help="YAML file of settings (e.g. pipelines/configs/*.yaml).")
 SET = typer.Option([], "--set", help="Override a setting: key=value (repeatable; objective.<opt>=value).")
-TRAIN_AMP = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default on).")
+TRAIN_AMP = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default: on for CUDA and for CPUs with"
+                                                        " native bf16, AVX512-BF16 or AMX; off on others).")
 SEED = typer.Option(None, help="Seed (default 0).")
 POSITIVE = typer.Option(..., help="A few original images: directory (class folders keep their labels) or index.")
 UNLABELED = typer.Option(..., help="The wild pool: directory or index.")
@@ -122,12 +123,10 @@ def select(
             raise DfkdError("--merge takes the teacher and pool from the shard runs: drop --teacher, --pool, --shard")
         result = merge_shards(merge, out, num=num_images, ratio=ratio, max_score=max_noise, policy=policy,
                               overwrite=overwrite)
-        names = load_card_names(result)
     else:
         if not teacher or pool is None:
             raise DfkdError("--teacher and --pool are required (or --merge SHARD_RUNS)")
         cards = [_card(t, input_size, input_channels) for t in teacher]
-        names = cards[0].class_names
         with progress("scoring") as update:
             result = select_pool(cards, pool, out, num=num_images, ratio=ratio, max_score=max_noise,
                                  policy=policy, score=score, batch_size=batch_size, workers=workers,
@@ -139,20 +138,13 @@ def select(
                                               ("scored", result.scored), ("selected", result.selected)]))
     if "selected" in result.files:
         err.print(table("selected per teacher class", ["class", "count"],
-                        [(names[c], n) for c, n in enumerate(result.class_counts)]))
+                        [(result.classes[c], n) for c, n in enumerate(result.class_counts)]))
     qs = result.score_quantiles
     err.print(table(f"{score} score", ["", *qs], [("pool", *qs.values()),
                                                 ("selected", *result.selected_quantiles.values())]))
     if result.skipped:
         err.print(f"[yellow]{result.skipped} file(s) skipped[/]: see {result.files['skipped']}")
     emit(result.files.get("selected", result.files["scores"]))
-
-
-def load_card_names(result) -> list[str]:
-    from .cards import load_card
-
-    manifest = json.loads(result.files["manifest"].read_text(encoding="utf-8"))
-    return load_card(manifest["inputs"]["teacher0"]["path"]).class_names
 
 
 def _loop_flags(**flags) -> dict:

@@ -33,7 +33,7 @@ from .errors import DfkdError
 from .io import file_sha256, write_json
 
 # What a run keeps between attempts; --overwrite removes it (outputs are rewritten anyway).
-STATE = ("run.json", "checkpoints", "metrics.jsonl", ".scoring", "class_counts.json")
+STATE = ("run.json", "checkpoints", "metrics.jsonl", ".scoring")
 
 
 def input_hashes(paths: dict[str, str | Path | None]) -> dict[str, dict]:

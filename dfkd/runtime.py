@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .dist import SINGLE as SINGLE_RANK, Ranks, join
+from .dist import Ranks, join
 from .errors import DfkdError
 
 
@@ -60,12 +60,28 @@ class Runtime:
         return {"device": str(self.device), "amp": self.amp, "workers": self.workers, "ranks": self.ranks.world}
 
 
-def setup(device: str = "auto", amp: bool | None = None, workers: int | None = None) -> Runtime:
-    """The one place a command's device, autocast (default: on for CUDA) and workers are decided;
-    under torchrun it joins the group and takes this rank's GPU."""
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast is fast here: CUDA, or a CPU with native bf16 (AVX512-BF16 or AMX).
+
+    On a CPU without them (AVX2 only) bf16 is emulated: a resnet20 training step ran 10x slower
+    than fp32 (34 against 363 img/s on a 2-core AMD EPYC with AVX2)."""
+    if device.type == "cuda":
+        return True
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def setup(device: str = "auto", amp: bool | None = None, workers: int | None = None, *,
+          training: bool = False) -> Runtime:
+    """The one place a command's device, autocast and workers are decided; under torchrun it
+    joins the group and takes this rank's GPU. Autocast by default: for inference on CUDA (bf16
+    changes CPU scores in the last bits), for training wherever bf16 is fast."""
     if workers is not None and workers < 0:
         raise DfkdError(f"--workers {workers}: must be 0 or more")
     ranks, rank_device = join(device)
     dev = rank_device or resolve_device(device)
-    return Runtime(dev, dev.type == "cuda" if amp is None else amp,
-                   default_workers(dev) if workers is None else workers, ranks)
+    if amp is None:
+        amp = fast_bf16(dev) if training else dev.type == "cuda"
+    return Runtime(dev, amp, default_workers(dev) if workers is None else workers, ranks)

@@ -13,6 +13,7 @@ from dfkd.config import resolve_config
 from dfkd.distill.run import default_config, distill
 from dfkd.errors import DfkdError
 from dfkd.evaluate import evaluate
+from dfkd.index import read_index
 from dfkd.select import select_pool
 
 
@@ -50,6 +51,31 @@ def test_select_distill_eval_beats_random_guessing(tmp_path, digits_folders, dig
     if method == "robust":
         counts = (tmp_path / "student" / "class_counts.json").read_text()
         assert '"images": 900' in counts
+
+
+def test_images_the_teacher_outputs_nan_on_are_skipped_and_recorded(tmp_path, digits_folders, digits_teacher):
+    """Before: a misleading "loss became nan ... lower --lr"; now those images are left out, as in select."""
+    from dfkd.cards import load_model
+
+    class HalfNaN(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            out = self.net(x)
+            bright = x.mean(dim=(1, 2, 3)) > 0.1
+            return torch.where(bright[:, None], torch.full_like(out, float("nan")), out)
+
+    card = load_card(digits_teacher)
+    script = tmp_path / "nan.ts"
+    torch.jit.trace(HalfNaN(load_model(card)), torch.zeros(2, 1, 16, 16)).save(str(script))
+    nan_card = load_card(script, {"size": 16, "channels": 1, "mean": card.input.mean, "std": card.input.std})
+    res = distill(nan_card, "resnet8", [str(digits_folders[1])], tmp_path / "run", cfg("kd", steps=4),
+                  workers=0, device="cpu")
+    skipped = read_index(tmp_path / "run" / "skipped.tsv").rows
+    assert 0 < len(skipped) == res.skipped < 397 and res.images == 397 - len(skipped)
+    assert all("not finite" in r["reason"] for r in skipped) and res.steps == 4
 
 
 @pytest.mark.parametrize("method", ["noisy", "robust"])

@@ -62,10 +62,27 @@ def read_data(paths: Sequence[str | Path]) -> Index:
     return Index(columns, rows, problems=problems)
 
 
-def soft_class_counts(teacher: torch.nn.Module, data: ImageSet, card: ModelCard, device: torch.device,
-                      cfg: LoopConfig) -> list[float]:
+def soft_class_counts(teacher_logits: torch.Tensor) -> list[float]:
     """y_k = sum over the training images of the teacher's softmax probability of class k."""
-    return torch.softmax(outputs(teacher, data, card.input, device, cfg), 1).double().sum(0).tolist()
+    return torch.softmax(teacher_logits, 1).double().sum(0).tolist()
+
+
+def _finite_teacher(teacher: torch.nn.Module, data: ImageSet, card: ModelCard, device: torch.device,
+                    cfg: LoopConfig) -> tuple[ImageSet, torch.Tensor]:
+    """One unaugmented teacher pass: images on which the teacher outputs NaN/inf are left out and
+    recorded (as select does), never trained on; returns the rest and the teacher's logits on them."""
+    logits = outputs(teacher, data, card.input, device, cfg)
+    ok = torch.isfinite(logits).all(1)
+    if bool(ok.all()):
+        return data, logits
+    bad = [{"path": data.paths[i], "reason": "teacher output is not finite (NaN/inf)"}
+           for i in (~ok).nonzero().squeeze(1).tolist()]
+    keep = ok.nonzero().squeeze(1)
+    if len(keep) == 0:
+        raise DfkdError(f"--teacher {card.path}: outputs NaN/inf on every one of the {len(data)} training images")
+    kept = ImageSet(data.images[keep], data.labels[keep], [data.paths[i] for i in keep.tolist()],
+                    data.skipped + bad)
+    return kept, logits[keep]
 
 
 def _student(student: str, teacher: ModelCard, device: torch.device) -> tuple[torch.nn.Module, str, dict]:
@@ -98,7 +115,8 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Seque
     terms = {k: config[k] for k in TERM_DEFAULTS}
     loop = LoopConfig(**{k: v for k, v in config.items() if k not in ("method", "objective", *TERM_DEFAULTS)})
     loop.check()
-    rt = setup(device, loop.amp, workers)
+    rt = setup(device, loop.amp, workers, training=True)
+    loop.amp = rt.amp
     index = read_data(data)
     info = {**ensemble_accuracy(teachers), "class_counts": None}
     # Built once early to check its options before any decoding, and for the ensemble's temperature;
@@ -125,14 +143,11 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Seque
                               on_progress=(lambda d, t: on_event({"event": "decode", "done": d, "total": t}))
                               if on_event else None)
         train.skipped = index.problems + train.skipped
+        train, t_out = _finite_teacher(teacher.model, train, card, rt.device, loop)
         if method == "robust":
-            cache = out / "class_counts.json"
-            if cache.is_file():
-                info["class_counts"] = json.loads(cache.read_text())["class_counts"]
-            else:
-                info["class_counts"] = soft_class_counts(teacher.model, train, card, rt.device, loop)
-                if rt.ranks.main:
-                    write_json(cache, {"class_counts": info["class_counts"], "images": len(train)})
+            info["class_counts"] = soft_class_counts(t_out)
+            if rt.ranks.main:
+                write_json(out / "class_counts.json", {"class_counts": info["class_counts"], "images": len(train)})
         objective = WithTerms(build_objective(method, card.num_classes, obj_cfg, info), card.num_classes,
                               terms, **dims)
         if rt.ranks.main:

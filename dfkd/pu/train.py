@@ -10,7 +10,7 @@ classifier accepts, next to the share of the pool it calls positive (compare wit
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -87,7 +87,8 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
         raise DfkdError(f"--positive-share {positive_share}: must be in (0, 1)")
     objective = NnpuObjective(prior, beta, gamma)
     cfg.check()
-    rt = setup(device, cfg.amp, workers)
+    rt = setup(device, cfg.amp, workers, training=True)
+    cfg = replace(cfg, amp=rt.amp)
     if teacher.torchscript and not backbone:
         raise DfkdError("--teacher is TorchScript: its stages cannot be tapped; name a --backbone arch")
     arch = backbone or teacher.arch

@@ -42,7 +42,7 @@ class SelectResult:
     class_counts: list[int]
     score_quantiles: dict[str, float]
     selected_quantiles: dict[str, float]
-    resumed_from: int = 0
+    classes: list[str] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
 
 
@@ -108,7 +108,7 @@ def select_pool(teachers: ModelCard | Sequence[ModelCard], pool: str | Path, out
         raise DfkdError(f"--shard {shard[0]}/{shard[1]}: expected I/N with 0 <= I < N")
     rt = setup(device, amp, workers)
     with open_run(out, "select", rt.ranks) as run:
-        teacher = load_teacher(list(teachers) if not isinstance(teachers, ModelCard) else [teachers], rt.device)
+        teacher = load_teacher(teachers, rt.device)
         segment = score_pool(teacher, pool, run, rt, score=score, seed=seed, batch_size=batch_size,
                              shard=shard, overwrite=overwrite, on_progress=on_progress)
         if not rt.ranks.main:
@@ -215,7 +215,7 @@ def finish(segments: list[Segment], card: ModelCard, out: Path, *, num: int | No
                "class_counts": counts}
     files["manifest"] = write_manifest(out, "select", options, inputs, summary=summary)
     return SelectResult(out, pool_size, len(values), len(skipped), len(picked), counts, quantiles(values),
-                        quantiles(np.array([r["score"] for r in picked])), files=files)
+                        quantiles(np.array([r["score"] for r in picked])), card.class_names, files)
 
 
 def _write_skipped(out: Path, skipped: list[dict]) -> Path:

@@ -1,7 +1,7 @@
 """``train``: a classifier trained with cross-entropy on labeled images (teachers, baselines)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -73,7 +73,8 @@ def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConf
     Under torchrun: DistributedDataParallel, ``cfg.batch_size`` global; rank 0 returns the result."""
     out = Path(out)
     cfg.check()
-    rt = setup(device, cfg.amp, workers)
+    rt = setup(device, cfg.amp, workers, training=True)
+    cfg = replace(cfg, amp=rt.amp)
     index, classes = open_labeled(data)
     labels = index.labels()
     if min(labels) < 0:

@@ -51,7 +51,7 @@ class LoopConfig:
     augment: str = "crop-flip"
     pad: int = 4
     seed: int = 0
-    amp: bool = True
+    amp: bool | None = None  # bf16 autocast; None: where the hardware has it (runtime.fast_bf16)
     channels_last: bool = True
     log_every: int = 50
     checkpoint_every: int = 500
