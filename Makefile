@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench study debian-data clean
+.PHONY: demo test bench bench-scale study debian-data clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ study: $(VENV)/.installed debian-data
 
 bench: $(VENV)/.installed debian-data
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash bench/run.sh
+
+# select's peak memory against pool size (20k and 200k generated PNGs), then 2 torchrun ranks
+# against 1 process on the demo (select, distill, resume after a kill); needs `make demo` first.
+bench-scale: $(VENV)/.installed
+	$(PY) bench/select_memory.py --work runs/bench-memory
+	$(PY) bench/ranks.py --teacher runs/demo/teacher/model.yaml --pool data/demo/wild --test data/demo/test
 
 clean:
 	rm -rf $(VENV) runs

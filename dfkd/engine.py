@@ -91,7 +91,9 @@ def stream(model: nn.Module, spec: InputSpec, rows: Callable[[], Iterator[dict]]
             except DfkdError as e:
                 payload = (None, str(e))
         gathered = ranks.all_gather(payload)
-        ranks.agree(next((p[1] for p in gathered if p and p[1]), None))
+        error = next((p[1] for p in gathered if p and p[1]), None)
+        if error:  # every rank has it: all stop together
+            raise DfkdError(error)
         yield [r for p in gathered if p for r in p[0]] if ranks.main else []
 
 

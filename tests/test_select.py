@@ -175,3 +175,20 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, pattern_folder, random_t
     assert result.exit_code == 2
     assert message in " ".join(result.stderr.split())
     assert "Traceback" not in result.output
+
+
+def test_selecting_again_reuses_the_scores_and_a_changed_pool_is_refused(tmp_path, pattern_folder, random_teacher):
+    card = load_card(random_teacher)
+    out = tmp_path / "run"
+    select_pool(card, pattern_folder, out, num=6, batch_size=4, workers=0, device="cpu")
+    rows = out / ".scoring" / "rows.tsv"
+    stamp = rows.stat().st_mtime_ns
+    res = select_pool(card, pattern_folder, out, num=3, policy="global", batch_size=4, workers=0, device="cpu")
+    assert res.selected == 3 and len(read_index(out / "selected.tsv")) == 3
+    assert rows.stat().st_mtime_ns == stamp  # selected again from the stored scores, not scored again
+    shutil.copy(next(pattern_folder.rglob("*.png")), pattern_folder / "bars_h" / "new.png")
+    with pytest.raises(DfkdError, match=r"other inputs \(pool\)"):
+        select_pool(card, pattern_folder, out, num=3, workers=0, device="cpu")
+    assert not (out / ".pool-listing.tsv").exists()
+    res = select_pool(card, pattern_folder, out, num=3, workers=0, device="cpu", overwrite=True)
+    assert res.pool_size == 19

@@ -118,6 +118,23 @@ class MultiScaleSE(nn.Module):
         self.widths = [_pool(t, seen[t]).shape[1] for t in taps]
         self.se = SqueezeExcitation(sum(self.widths), reduction)
         self.head = nn.Linear(sum(self.widths), 1)
+        self._freeze_unreached(input_shape)
+
+    def _freeze_unreached(self, input_shape: Sequence[int]) -> None:
+        """Freeze the backbone's parameters that never reach g(x) (its classifier, layers past the
+        last tap): nothing would train them, and DistributedDataParallel wants every trained
+        parameter to get a gradient."""
+        was_training = self.training
+        self.eval()  # leaves the BatchNorm statistics alone
+        try:
+            with torch.enable_grad():
+                self(torch.zeros(2, *input_shape)).sum().backward()
+            for p in self.backbone.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.requires_grad_(False)
+        finally:
+            self.zero_grad(set_to_none=True)
+            self.train(was_training)
 
     def train(self, mode: bool = True) -> MultiScaleSE:
         super().train(mode)
