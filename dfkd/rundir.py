@@ -152,14 +152,18 @@ def open_run(out: str | Path, command: str, ranks: Ranks = SINGLE) -> RunDir:
 
 def write_manifest(out: str | Path, command: str, options: dict[str, Any],
                    inputs: dict[str, str | Path | None], **extra: Any) -> Path:
-    import torchvision
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        torchvision = version("torchvision")  # importing torchvision here would cost seconds
+    except PackageNotFoundError:
+        torchvision = None
     manifest = {
         "command": command,
         "argv": sys.argv,
         "options": options,
         "inputs": input_hashes(inputs),
-        "versions": {"dfkd": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "versions": {"dfkd": __version__, "torch": torch.__version__, "torchvision": torchvision,
                      "python": platform.python_version()},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,

@@ -79,3 +79,28 @@ def test_pools_and_labeled_folders(tmp_path: Path, pattern_folder: Path):
         open_pool(tmp_path / "void")
     with pytest.raises(DfkdError, match="no such directory"):
         open_pool(tmp_path / "missing")
+
+
+def test_walk_records_unreadable_folders_and_names_an_index_cannot_hold(tmp_path, monkeypatch):
+    import os
+
+    from dfkd.pool import walk_files
+
+    for d in ("a", "b", "c"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "x.png").write_bytes(b"")
+    (tmp_path / "a" / "bad\nname.png").write_bytes(b"")
+    real = os.scandir
+
+    def scandir(path):  # root reads any folder, so unreadable is simulated
+        if str(path).endswith("/b"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    problems = []
+    files = list(walk_files(tmp_path, problems))
+    assert files == [str(tmp_path / "a" / "x.png"), str(tmp_path / "c" / "x.png")]
+    assert [(p["path"], p["reason"]) for p in problems] == [
+        (str(tmp_path / "a" / "bad\\nname.png"), "file name holds a tab, newline or bytes that are not UTF-8: rename it"),
+        (str(tmp_path / "b"), "folder not readable (Permission denied)")]
