@@ -92,8 +92,10 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 
 @command
 def select(
-    teacher: List[Path] = typer.Option([], help="Teacher card or TorchScript file; repeat for an ensemble."),
-    pool: Optional[Path] = typer.Option(None, help="Wild pool: a directory (scanned recursively) or an index file."),
+    teacher: List[Path] = typer.Option([], help="Teacher card or TorchScript file; repeat for an ensemble."
+                                                " Required unless --merge."),
+    pool: Optional[Path] = typer.Option(None, help="Wild pool: a directory (scanned recursively) or an index file."
+                                                   " Required unless --merge."),
     out: Path = typer.Option(..., help="Run directory to write scores/selected/skipped.tsv into."),
     num_images: Optional[int] = typer.Option(None, help="Select this many images."),
     ratio: Optional[float] = typer.Option(None, help="Select this share of the scored pool."),

@@ -176,7 +176,7 @@ def score_run(run: RunDir, rt: Runtime, pool: str | Path, flag: str, identity: d
             rows.path.unlink(missing_ok=True)
         os.replace(fresh, state / "pool.tsv")
         write_json(state / "shard.json", {"shard": [i, n], "count": count, "pool": str(Path(pool).resolve()),
-                                          "identity": identity, **(info or {})})
+                                          "identity": identity, "problems": problems, **(info or {})})
     lo, hi = i * count // n, (i + 1) * count // n
     done = ranks.broadcast(rows.done() if ranks.main else None)
     listing = Listing(state / "pool.tsv", columns, count, digest, Path(pool), problems)

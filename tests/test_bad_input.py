@@ -14,7 +14,13 @@ from dfkd.train.loop import _truncate_metrics
 def env(tmp_path, pattern_folder, random_teacher):
     (tmp_path / "afile").write_text("x")
     (tmp_path / "binary.yaml").write_bytes(bytes(range(256)) * 4)
-    return {"T": str(random_teacher), "P": str(pattern_folder), "O": str(tmp_path / "out"),
+    import torch
+
+    from dfkd.cards import load_card, load_model
+
+    ts = tmp_path / "teacher.ts"  # a 1-channel 16x16 model, given without its input flags
+    torch.jit.trace(load_model(load_card(random_teacher)), torch.zeros(1, 1, 16, 16)).save(str(ts))
+    return {"TS": str(ts), "T": str(random_teacher), "P": str(pattern_folder), "O": str(tmp_path / "out"),
             "F": str(tmp_path / "afile"), "B": str(tmp_path / "binary.yaml"), "D": str(tmp_path)}
 
 
@@ -35,6 +41,8 @@ CASES = [
     ("train --arch resnet8 --data {P} --out {O} --batch-size 0", "--batch-size 0"),
     ("pu-train --teacher {T} --positive {P} --unlabeled {P} --out {O} --prior 0.5 --reduction 0", "--reduction 0"),
     ("export --model {T} --out {D}", "is a directory"),
+    ("expand --pu {T} --positive {P} --unlabeled {P} --out {O} --threshold nan", "--threshold nan"),
+    ("eval --model {TS} --data {P}", "does not take a 1x3x32x32 input"),
 ]
 
 
@@ -60,3 +68,15 @@ def test_a_torn_metrics_line_is_dropped(tmp_path):
     m.write_text(json.dumps({"step": 1}) + "\n" + json.dumps({"step": 2}) + "\n" + '{"step": 3, "lo')
     _truncate_metrics(m, 5)
     assert [json.loads(ln)["step"] for ln in m.read_text().splitlines()] == [1, 2]
+
+
+def test_stale_temporary_files_of_a_killed_write_are_removed(tmp_path, pattern_folder, random_teacher):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    stale = [out / ".scores.tsv.abc123.tmp", out / "checkpoints" / ".last.pt.xyz.tmp"]
+    for f in stale:
+        f.write_bytes(b"half")
+    res = CliRunner().invoke(app, ["select", "--teacher", str(random_teacher), "--pool", str(pattern_folder),
+                                   "--out", str(out), "--num-images", "3", "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    assert not any(f.exists() for f in stale)

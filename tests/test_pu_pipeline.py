@@ -83,6 +83,11 @@ def test_expand_top_n_repeat_and_errors(tmp_path, digits_folders, digits_teacher
     assert scores == sorted(scores, reverse=True)
     with pytest.raises(DfkdError, match="not a PU card"):
         expand(digits_teacher, pos, pool, tmp_path / "x", device="cpu")
+    good = next((pos / "0").glob("*.png"))
+    (pos / "0" / "truncated.png").write_bytes(good.read_bytes()[:40])  # was written as a positive
+    e2 = expand(r.card, pos, pool, tmp_path / "e2", num=5, workers=0, device="cpu")
+    assert e2.positives == 20 and "truncated.png" not in e2.files["expanded"].read_text()
+    assert "truncated.png" in e2.files["skipped"].read_text()
     res = CliRunner().invoke(app, ["pu-train", "--teacher", str(digits_teacher), "--positive", str(pos),
                                    "--unlabeled", str(pool), "--out", str(tmp_path / "p2"), "--prior", "1.5"])
     assert res.exit_code == 2 and "--prior" in res.stderr

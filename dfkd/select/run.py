@@ -128,18 +128,14 @@ def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path, *, num: int 
     """Select from the union of ``select --shard I/N`` runs: the same files as one run."""
     check_selection(num, ratio, max_score)
     POLICIES.get(policy)
-    dirs = [Path(d) for d in shard_dirs]
-    dirs = [s for d in dirs for s in ([d] if (d / ".scoring" / "shard.json").is_file() else
-                                      sorted(p for p in d.iterdir() if (p / ".scoring" / "shard.json").is_file())
-                                      if d.is_dir() else [d])]
     shards = []
-    for d in dirs:
-        meta_path = d / ".scoring" / "shard.json"
-        if not meta_path.is_file():
-            raise DfkdError(f"--merge {d}: not a run directory of dfkd select --shard (no .scoring/shard.json)")
-        shards.append((json.loads(meta_path.read_text(encoding="utf-8")), d))
-    if not shards:
-        raise DfkdError("--merge: no shard run directories given")
+    for given in map(Path, shard_dirs):
+        found = [given] if _is_shard(given) else sorted(p for p in given.iterdir() if _is_shard(p)) \
+            if given.is_dir() else []
+        if not found:
+            raise DfkdError(f"--merge {given}: neither a run directory of dfkd select --shard nor a folder"
+                            " holding some")
+        shards += [(json.loads((d / ".scoring" / "shard.json").read_text(encoding="utf-8")), d) for d in found]
     shards.sort(key=lambda s: s[0]["shard"][0])
     first, n = shards[0][0], shards[0][0]["shard"][1]
     same = {k: v for k, v in first["identity"].items() if k != "shard"}
@@ -162,8 +158,8 @@ def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path, *, num: int 
                             " scored); run its command again to resume it")
         listing_path = d / ".scoring" / "pool.tsv"
         columns, _ = open_index(listing_path)
-        segments.append(Segment(Listing(listing_path, columns, count, same["pool"], Path(first["pool"])),
-                                lo, hi, rows))
+        segments.append(Segment(Listing(listing_path, columns, count, same["pool"], Path(first["pool"]),
+                                        first["problems"]), lo, hi, rows))
     card = load_card(first["teachers"][0])
     with open_run(out, "select") as run:
         run.claim({"merge": [m["identity"] for m, _ in shards]}, overwrite)
@@ -171,6 +167,10 @@ def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path, *, num: int 
         return finish(segments, card, Path(out), num=num, ratio=ratio, max_score=max_score, policy=policy,
                       options=options, inputs={f"teacher{i}": t for i, t in enumerate(first["teachers"])},
                       select=True)
+
+
+def _is_shard(d: Path) -> bool:
+    return (d / ".scoring" / "shard.json").is_file()
 
 
 def finish(segments: list[Segment], card: ModelCard, out: Path, *, num: int | None, ratio: float | None,
