@@ -82,7 +82,7 @@ def _class_names(manifest: dict, run: Path) -> list[str]:
     """Class names from the teacher card named in the manifest, else from the run's own card."""
     import yaml
 
-    cards = [(manifest.get("inputs", {}).get(k) or {}).get("path") for k in ("teacher", "model")]
+    cards = [(manifest.get("inputs", {}).get(k) or {}).get("path") for k in ("teacher0", "teacher", "model")]
     for card in [c for c in cards if c] + [run / "model.yaml", run / "student.yaml"]:
         try:
             classes = (yaml.safe_load(Path(card).read_text(encoding="utf-8")) or {}).get("classes")

@@ -192,3 +192,11 @@ def test_selecting_again_reuses_the_scores_and_a_changed_pool_is_refused(tmp_pat
     assert not (out / ".pool-listing.tsv").exists()
     res = select_pool(card, pattern_folder, out, num=3, workers=0, device="cpu", overwrite=True)
     assert res.pool_size == 19
+
+
+def test_report_of_a_real_select_run_names_the_teachers_classes(tmp_path, pattern_folder, random_teacher):
+    from dfkd.report import write_report
+
+    res = select_pool(load_card(random_teacher), pattern_folder, tmp_path / "run", num=6, workers=0, device="cpu")
+    html = write_report(res.out).read_text()
+    assert all(name in html for name in ("bars_h", "bars_v", "blob"))
