@@ -29,6 +29,7 @@ CASES = [
     ("select --teacher {T} --pool {P} --out {O} --batch-size 0", "--batch-size 0"),
     ("select --teacher {T} --pool {P} --out {O} --workers -1", "--workers -1"),
     ("select --teacher {T} --pool {P} --out {F}", "is a file"),
+    ("select --teacher {T} --pool {P} --out {F}/run", "cannot write there"),  # unwritable (root ignores modes)
     ("select --teacher {T} --pool {P} --out {O} --shard 3/2", "--shard 3/2"),
     ("train --arch resnet8 --data {P} --out {O} --steps 0", "--steps 0"),
     ("train --arch resnet8 --data {P} --out {O} --steps -3", "--steps -3"),

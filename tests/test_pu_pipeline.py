@@ -54,6 +54,7 @@ def test_pu_train_expand_separates_in_from_out_and_feeds_robust_kd(tmp_path, dig
     r = pu_train(teacher, pos, pool, tmp_path / "pu", prior, cfg, workers=0, device="cpu")
     assert r.matched_keys.split("/")[0] == r.matched_keys.split("/")[1] != "0"  # teacher weights all loaded
     assert r.heldout_positive_recall is not None and r.heldout_positive_recall >= 0.5
+    assert (tmp_path / "pu" / "skipped.tsv").read_text().startswith("path\treason\n")  # written, if empty
     e = expand(r.card, pos, pool, tmp_path / "expand", workers=0, device="cpu")
     rows = read_index(e.files["expanded"]).rows
     positives = [x for x in rows if x["source"] == "positive"]
