@@ -80,7 +80,7 @@ def test_select_on_two_ranks_writes_the_files_of_one_process(tmp_path, pattern_f
                    "--num-images", "7", "--batch-size", "4", "--device", "cpu")
     assert two.returncode == 0, two.stderr
     assert two.stdout.strip() == str(tmp_path / "two" / "selected.tsv")  # one line: rank 0 only
-    assert two.stderr.count("│ scored") == 1 and two.stderr.count("scoring") == 1  # one table, one bar
+    assert two.stderr.count("│ scored") == 1 and two.stderr.count("scoring 29/29 (100%)") == 1  # rank 0 alone
     for name in ("scores.tsv", "selected.tsv", "skipped.tsv"):
         a = (tmp_path / "one" / name).read_text().replace(str(tmp_path / "one"), "")
         b = (tmp_path / "two" / name).read_text().replace(str(tmp_path / "two"), "")

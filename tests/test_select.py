@@ -200,3 +200,15 @@ def test_report_of_a_real_select_run_names_the_teachers_classes(tmp_path, patter
     res = select_pool(load_card(random_teacher), pattern_folder, tmp_path / "run", num=6, workers=0, device="cpu")
     html = write_report(res.out).read_text()
     assert all(name in html for name in ("bars_h", "bars_v", "blob"))
+
+
+def test_progress_outside_a_terminal_is_plain_lines_at_an_interval(tmp_path, pattern_folder, random_teacher,
+                                                                   monkeypatch):
+    monkeypatch.setenv("DFKD_PROGRESS_SECONDS", "0")  # a line at every update
+    res = CliRunner().invoke(app, ["select", "--teacher", str(random_teacher), "--pool", str(pattern_folder),
+                                   "--out", str(tmp_path / "run"), "--num-images", "5", "--batch-size", "4",
+                                   "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("scoring ")]
+    assert len(lines) >= 4 and lines[-1].startswith("scoring 18/18 (100%)") and "img/s" in lines[-1]
+    assert not any(ln.startswith("scoring ━") for ln in res.stderr.splitlines())  # no bar drawn into a log
