@@ -176,14 +176,37 @@ def load_model(card: ModelCard, device: str | torch.device = "cpu") -> nn.Module
         return model.eval()
     model = build_arch(card.arch, card.num_classes, card.input.channels, card.arch_args, card.path)
     if card.weights:
-        state = read_state_dict(card.weights)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            first = [ln.strip() for ln in str(e).splitlines()[1:3]]
-            raise DfkdError(f"{card.weights}: state_dict does not fit arch {card.arch} with"
-                            f" {card.num_classes} classes: {' '.join(first)[:300]}") from None
+        expected = model.state_dict()
+        state = unwrap_keys(read_state_dict(card.weights), set(expected))
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+        if missing or unexpected or shapes:
+            def few(keys: list[str]) -> str:
+                return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+            parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
+                     "other shape: " + few([f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+                                            for k in shapes]) if shapes else ""]
+            raise DfkdError(f"{card.weights}: does not fit arch {card.arch} with {card.num_classes} classes: "
+                            + "; ".join(p for p in parts if p))
+        model.load_state_dict(state)
     return model.to(device).eval()
+
+
+def unwrap_keys(state: dict, expected: set[str]) -> dict:
+    """Strip the prefixes that wrappers add to parameter names (DDP's ``module.``, Lightning's
+    ``model.``/``net.``, torch.compile's ``_orig_mod.``) while the keys do not fit ``expected``."""
+    for _ in range(4):
+        if set(state) <= expected or not state:
+            return state
+        heads = {k.split(".", 1)[0] for k in state}
+        if len(heads) != 1 or not all("." in k for k in state):
+            return state
+        stripped = {k.split(".", 1)[1]: v for k, v in state.items()}
+        if len(set(stripped) & expected) < len(set(state) & expected):
+            return state
+        state = stripped
+    return state
 
 
 def save_card(path: str | Path, arch: str, num_classes: int, spec: InputSpec, state_dict: dict,

@@ -115,3 +115,23 @@ def test_width_option_gives_wide_variants():
     assert (small.feature_dim, wide.feature_dim) == (64, 256)
     assert ARCHS.get("resnet8")(num_classes=10, width=2).feature_dim == 128
     assert ARCHS.get("resnet18")(num_classes=10, in_channels=1)(torch.zeros(1, 1, 20, 20)).shape == (1, 10)
+
+
+def test_checkpoints_saved_under_ddp_or_lightning_load_and_misfits_name_keys(tmp_path: Path, random_teacher: Path):
+    card = load_card(random_teacher)
+    state = torch.load(card.weights, weights_only=True)
+    x = torch.randn(2, 1, 16, 16)
+    want = load_model(card)(x)
+    for name, wrapped in (("ddp.pt", {f"module.{k}": v for k, v in state.items()}),
+                          ("lightning.ckpt", {"state_dict": {f"model.{k}": v for k, v in state.items()},
+                                              "epoch": 3}),
+                          ("compiled-ddp.pt", {f"module._orig_mod.{k}": v for k, v in state.items()})):
+        torch.save(wrapped, tmp_path / name)
+        other = write_card(tmp_path / f"{name}.yaml", arch="resnet8", num_classes=3, weights=name,
+                           input={"size": 16, "channels": 1})
+        assert torch.allclose(load_model(load_card(other))(x), want, atol=1e-6), name
+    wrong = write_card(tmp_path / "wrong.yaml", arch="resnet14", num_classes=3, weights=str(card.weights),
+                       input={"size": 16, "channels": 1})
+    with pytest.raises(DfkdError, match=r"missing layer1\.1\.conv1\.weight, .* \(\+\d+ more\)$") as e:
+        load_model(load_card(wrong))
+    assert len(str(e.value)) < 400
