@@ -84,7 +84,9 @@ def load_card(path: str | Path, input_overrides: dict | None = None) -> ModelCar
                      classes=data.get("classes"), accuracy=data.get("accuracy"),
                      class_accuracy=data.get("class_accuracy"),
                      extra={k: data[k] for k in ("kind", "notes", "pu") if k in data})
-    if data.get("weights"):
+    if isinstance(data.get("weights"), str) and data["weights"].lower() == "none":  # on purpose: untrained
+        card.extra["untrained"] = True
+    elif data.get("weights"):
         card.weights = _file(path, data["weights"], "weights")
     if data.get("torchscript"):
         card.torchscript = _file(path, data["torchscript"], "torchscript")

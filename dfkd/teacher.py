@@ -118,6 +118,10 @@ def load_teacher(cards: ModelCard | Sequence[ModelCard], device: torch.device, t
     """The frozen teacher of ``cards`` on ``device``: one model, or MEAL V2's averaged ensemble."""
     cards = [cards] if isinstance(cards, ModelCard) else list(cards)
     check_compatible(cards)
+    for c in cards:
+        if not (c.weights or c.torchscript or c.extra.get("untrained")):
+            raise DfkdError(f"{c.path}: has no 'weights', so the model would be randomly initialised; give"
+                            " weights: FILE (a state_dict), or weights: none if an untrained model is meant")
     members = [load_model(c, device) for c in cards]
     for m in members:
         for p in m.parameters():

@@ -20,7 +20,8 @@ def env(tmp_path, pattern_folder, random_teacher):
 
     ts = tmp_path / "teacher.ts"  # a 1-channel 16x16 model, given without its input flags
     torch.jit.trace(load_model(load_card(random_teacher)), torch.zeros(1, 1, 16, 16)).save(str(ts))
-    return {"TS": str(ts), "T": str(random_teacher), "P": str(pattern_folder), "O": str(tmp_path / "out"),
+    (tmp_path / "noweights.yaml").write_text("arch: resnet8\nnum_classes: 3\ninput: {size: 16, channels: 1}\n")
+    return {"TS": str(ts), "NW": str(tmp_path / "noweights.yaml"), "T": str(random_teacher), "P": str(pattern_folder), "O": str(tmp_path / "out"),
             "F": str(tmp_path / "afile"), "B": str(tmp_path / "binary.yaml"), "D": str(tmp_path)}
 
 
@@ -44,6 +45,8 @@ CASES = [
     ("export --model {T} --out {D}", "is a directory"),
     ("expand --pu {T} --positive {P} --unlabeled {P} --out {O} --threshold nan", "--threshold nan"),
     ("eval --model {TS} --data {P}", "does not take a 1x3x32x32 input"),
+    ("distill --teacher {T} --student resnet8 --data {P} --out {O}", "--data LABELED_IMAGES --write-card`"),
+    ("select --teacher {NW} --pool {P} --out {O}", "has no 'weights', so the model would be randomly"),
 ]
 
 

@@ -135,3 +135,13 @@ def test_checkpoints_saved_under_ddp_or_lightning_load_and_misfits_name_keys(tmp
     with pytest.raises(DfkdError, match=r"missing layer1\.1\.conv1\.weight, .* \(\+\d+ more\)$") as e:
         load_model(load_card(wrong))
     assert len(str(e.value)) < 400
+
+
+def test_a_teacher_without_weights_is_refused_unless_said_on_purpose(tmp_path: Path):
+    from dfkd.teacher import load_teacher
+
+    missing = write_card(tmp_path / "a.yaml", arch="resnet8", num_classes=3)
+    with pytest.raises(DfkdError, match="weights: none if an untrained model is meant"):
+        load_teacher(load_card(missing), torch.device("cpu"))
+    meant = write_card(tmp_path / "b.yaml", arch="resnet8", num_classes=3, weights="none")
+    assert load_teacher(load_card(meant), torch.device("cpu")).card.weights is None

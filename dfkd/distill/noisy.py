@@ -44,9 +44,11 @@ def teacher_diagonal(num_classes: int, flag: float | None, info: dict,
     if info.get("accuracy") is not None:
         _check_accuracy([float(info["accuracy"])], "teacher card accuracy")
         return torch.full((num_classes,), float(info["accuracy"])), "card accuracy"
-    raise DfkdError("objective 'noisy' needs the teacher's accuracy for its noise-adaptation "
-                    "matrix: the teacher card has neither class_accuracy nor accuracy; add one "
-                    "to the card or pass --set objective.accuracy=0.9 (a fraction in [0, 1])")
+    card = info.get("teacher_card") or "TEACHER.yaml"
+    raise DfkdError(f"objective 'noisy' needs the teacher's accuracy for its noise-adaptation matrix, and"
+                    f" {card} has neither class_accuracy nor accuracy: measure it on labeled images with"
+                    f" `dfkd eval --model {card} --data LABELED_IMAGES --write-card`, or pass"
+                    " --set objective.accuracy=0.9 (a fraction in [0, 1])")
 
 
 @register("noisy", paper="Chen et al. Learning Student Networks in the Wild. CVPR 2021 (DFND)")

@@ -118,7 +118,7 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Seque
     rt = setup(device, loop.amp, workers, training=True)
     loop.amp = rt.amp
     index = read_data(data)
-    info = {**ensemble_accuracy(teachers), "class_counts": None}
+    info = {**ensemble_accuracy(teachers), "class_counts": None, "teacher_card": str(card.path)}
     # Built once early to check its options before any decoding, and for the ensemble's temperature;
     # robust's real class counts need the decoded data, so the objective proper is built below.
     probe = build_objective(method, card.num_classes, obj_cfg, {**info, "class_counts": [1.0] * card.num_classes})
