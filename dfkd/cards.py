@@ -123,8 +123,8 @@ def arch_builder(arch: str, where: Path | str = "--arch"):
         name = arch.split(":", 1)[1]
         if name not in torchvision.models.list_models():
             raise DfkdError(f"{where}: unknown torchvision model {name!r}")
-        return lambda num_classes, in_channels=3, **kw: torchvision.models.get_model(
-            name, weights=None, num_classes=num_classes, **kw)
+        return lambda num_classes, in_channels=3, **kw: adapt_stem(torchvision.models.get_model(
+            name, weights=None, num_classes=num_classes, **kw), in_channels, where)
     if arch.startswith("python:"):
         if os.environ.get(TRUST_CODE) != "1":
             raise DfkdError(f"{where}: arch {arch!r} imports and runs code named by the card; dfkd runs no such"
@@ -141,13 +141,26 @@ def arch_builder(arch: str, where: Path | str = "--arch"):
     return ARCHS.get(arch)
 
 
+def adapt_stem(model: nn.Module, in_channels: int, where: Path | str) -> nn.Module:
+    """A torchvision model (built for RGB) fed ``in_channels``: its first convolution is replaced
+    by one of the same shape that takes ``in_channels`` (freshly initialised)."""
+    if in_channels == 3:
+        return model
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            conv = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                             module.dilation, module.groups if module.groups == 1 else in_channels,
+                             module.bias is not None, module.padding_mode)
+            setattr(parent, name.rsplit(".", 1)[-1], conv)
+            return model
+    raise DfkdError(f"{where}: cannot adapt this torchvision model to {in_channels}-channel input (no Conv2d)")
+
+
 def build_arch(arch: str, num_classes: int, in_channels: int, arch_args: dict | None = None,
                where: Path | str = "--arch") -> nn.Module:
     builder = arch_builder(arch, where)
-    kwargs = dict(arch_args or {})
-    if not arch.startswith("torchvision:"):
-        kwargs["in_channels"] = in_channels
-    return builder(num_classes=num_classes, **kwargs)
+    return builder(num_classes=num_classes, in_channels=in_channels, **dict(arch_args or {}))
 
 
 def read_state_dict(path: Path) -> dict:

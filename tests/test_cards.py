@@ -145,3 +145,16 @@ def test_a_teacher_without_weights_is_refused_unless_said_on_purpose(tmp_path: P
         load_teacher(load_card(missing), torch.device("cpu"))
     meant = write_card(tmp_path / "b.yaml", arch="resnet8", num_classes=3, weights="none")
     assert load_teacher(load_card(meant), torch.device("cpu")).card.weights is None
+
+
+def test_torchvision_arch_on_one_channel_images_gets_a_one_channel_stem(tmp_path: Path, pattern_folder: Path):
+    from typer.testing import CliRunner
+
+    from dfkd.cli import app
+
+    res = CliRunner().invoke(app, ["train", "--arch", "torchvision:resnet18", "--data", str(pattern_folder),
+                                   "--out", str(tmp_path / "tv"), "--steps", "2", "--batch-size", "8",
+                                   "--val-split", "0", "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    model = load_model(load_card(tmp_path / "tv" / "model.yaml"))
+    assert model.conv1.in_channels == 1 and model(torch.zeros(2, 1, 16, 16)).shape == (2, 3)
