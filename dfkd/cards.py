@@ -9,6 +9,7 @@ accepted wherever a card is, with its input described by flags.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,12 +100,28 @@ def load_card(path: str | Path, input_overrides: dict | None = None) -> ModelCar
     return card
 
 
+INPUT_FILE = "dfkd_input.json"  # the input description dfkd export writes into a TorchScript file
+
+
 def _torchscript_card(path: Path, overrides: dict) -> ModelCard:
+    """A bare TorchScript file: its input comes from the flags, else from the description it
+    carries (``dfkd export`` writes one); never guessed."""
+    carried = {INPUT_FILE: ""}
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=carried)
     except Exception:
         raise DfkdError(f"{path}: neither a YAML model card (.yaml) nor a TorchScript file") from None
-    spec = InputSpec.from_dict(overrides, f"{path}: input flags")
+    try:
+        spec = json.loads(carried[INPUT_FILE]) if carried[INPUT_FILE] else {}
+    except ValueError:
+        spec = {}
+    spec.update(overrides)
+    unknown = [k for k in ("size", "channels", "mean", "std") if k not in spec]
+    if unknown:
+        raise DfkdError(f"{path}: a bare TorchScript file does not say its input's "
+                        + ", ".join(unknown) + ": give --input-size, --input-channels, --input-mean and"
+                        " --input-std (e.g. --input-mean 0.485,0.456,0.406), or write a model card")
+    spec = InputSpec.from_dict(spec, f"{path}: input flags")
     try:
         with torch.inference_mode():
             out = module(torch.zeros(1, spec.channels, *spec.size))

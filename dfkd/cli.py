@@ -24,6 +24,9 @@ WORKERS = typer.Option(None, help="Decoding worker processes (default: by device
 AMP = typer.Option(None, "--amp/--no-amp", help="Autocast (bf16) for the model; default: on for CUDA.")
 INPUT_SIZE = typer.Option(None, "--input-size", help="Input size for a bare TorchScript teacher.")
 INPUT_CHANNELS = typer.Option(None, "--input-channels", help="Input channels for a bare TorchScript teacher.")
+INPUT_MEAN = typer.Option(None, "--input-mean", help="Normalisation mean per channel for a bare TorchScript"
+                                                     " teacher, comma-separated (e.g. 0.485,0.456,0.406).")
+INPUT_STD = typer.Option(None, "--input-std", help="Normalisation std per channel for a bare TorchScript teacher.")
 # Training commands share their loop flags (each overrides the config key of the same name).
 EPOCHS = typer.Option(None, help="Epochs (overrides the config).")
 STEPS = typer.Option(None, help="Train for this many steps instead of epochs.")
@@ -70,10 +73,22 @@ def command(fn):
     return app.command(fn.__name__.rstrip("_").replace("_", "-"))(wrapper)
 
 
-def _card(path: Path, size: int | None = None, channels: int | None = None, flag: str = "--teacher"):
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise DfkdError(f"{flag} {text!r}: expected comma-separated numbers, one per channel") from None
+
+
+def _card(path: Path, size: int | None = None, channels: int | None = None, mean: str | None = None,
+          std: str | None = None, flag: str = "--teacher"):
     from .cards import load_card
 
-    overrides = {k: v for k, v in (("size", size), ("channels", channels)) if v is not None}
+    given = (("size", size), ("channels", channels), ("mean", _floats(mean, "--input-mean")),
+             ("std", _floats(std, "--input-std")))
+    overrides = {k: v for k, v in given if v is not None}
     try:
         return load_card(path, overrides)
     except DfkdError as e:
@@ -115,6 +130,8 @@ def select(
     seed: int = typer.Option(0, help="Seed (random scorer)."),
     input_size: Optional[int] = INPUT_SIZE,
     input_channels: Optional[int] = INPUT_CHANNELS,
+    input_mean: Optional[str] = INPUT_MEAN,
+    input_std: Optional[str] = INPUT_STD,
 ) -> None:
     """Score every pool image with the teacher and select the most useful ones (DFND)."""
     from .select import merge_shards, select_pool
@@ -128,7 +145,7 @@ def select(
     else:
         if not teacher or pool is None:
             raise DfkdError("--teacher and --pool are required (or --merge SHARD_RUNS)")
-        cards = [_card(t, input_size, input_channels) for t in teacher]
+        cards = [_card(t, input_size, input_channels, input_mean, input_std) for t in teacher]
         with progress("scoring") as update:
             result = select_pool(cards, pool, out, num=num_images, ratio=ratio, max_score=max_noise,
                                  policy=policy, score=score, batch_size=batch_size, workers=workers,
@@ -245,6 +262,8 @@ def distill(
     seed: Optional[int] = SEED,
     input_size: Optional[int] = INPUT_SIZE,
     input_channels: Optional[int] = INPUT_CHANNELS,
+    input_mean: Optional[str] = INPUT_MEAN,
+    input_std: Optional[str] = INPUT_STD,
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Distill the teacher into a student on selected/expanded images (kd, noisy, robust)."""
@@ -254,7 +273,7 @@ def distill(
     cfg = resolve_config(default_config(), config, set_, _loop_flags(
         method=method, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, seed=seed,
         **{"objective.temperature": temperature}))
-    cards = [_card(t, input_size, input_channels) for t in teacher]
+    cards = [_card(t, input_size, input_channels, input_mean, input_std) for t in teacher]
     err.print(table("config", ["key", "value"], [(k, v) for k, v in cfg.items()]))
     with _training_progress() as on_event:
         result = run_distill(cards, student, data, out, cfg, eval_data=eval_data, workers=workers,
@@ -393,11 +412,13 @@ def eval_(
     amp: Optional[bool] = AMP,
     input_size: Optional[int] = INPUT_SIZE,
     input_channels: Optional[int] = INPUT_CHANNELS,
+    input_mean: Optional[str] = INPUT_MEAN,
+    input_std: Optional[str] = INPUT_STD,
 ) -> None:
     """Top-1/top-5, per-class accuracy and confusion matrix of a model on labeled images."""
     from .evaluate import evaluate, save_eval, write_accuracy_to_card
 
-    card = _card(model, input_size, input_channels, flag="--model")
+    card = _card(model, input_size, input_channels, input_mean, input_std, flag="--model")
     with contextlib.ExitStack() as stack:
         if out:  # one run per directory, bound to this model and data
             from .pool import data_digest

@@ -1,12 +1,13 @@
 """``export``: write a model as TorchScript or ONNX and check the exported outputs match."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .cards import ModelCard, load_model
+from .cards import INPUT_FILE, ModelCard, load_model
 from .errors import DfkdError
 from .io import atomic_write
 
@@ -34,7 +35,8 @@ def export_model(card: ModelCard, fmt: str, out: str | Path, samples: int = 8, s
         expected = model(x)
     if fmt == "torchscript":
         traced = torch.jit.trace(model, x[:1])
-        atomic_write(out, lambda f: torch.jit.save(traced, f), "wb")
+        carried = {INPUT_FILE: json.dumps(card.input.to_dict())}  # so the file alone feeds it right
+        atomic_write(out, lambda f: torch.jit.save(traced, f, _extra_files=carried), "wb")
         with torch.inference_mode():
             got = torch.jit.load(str(out))(x)
     else:

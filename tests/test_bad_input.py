@@ -44,7 +44,11 @@ CASES = [
     ("pu-train --teacher {T} --positive {P} --unlabeled {P} --out {O} --prior 0.5 --reduction 0", "--reduction 0"),
     ("export --model {T} --out {D}", "is a directory"),
     ("expand --pu {T} --positive {P} --unlabeled {P} --out {O} --threshold nan", "--threshold nan"),
-    ("eval --model {TS} --data {P}", "does not take a 1x3x32x32 input"),
+    ("eval --model {TS} --data {P}", "does not say its input's size, channels, mean, std"),
+    ("eval --model {TS} --data {P} --input-size 32 --input-channels 3 --input-mean 0.5,0.5,0.5 --input-std 1,1,1",
+     "does not take a 1x3x32x32 input"),
+    ("eval --model {TS} --data {P} --input-size 16 --input-channels 1 --input-mean x --input-std 1",
+     "--input-mean 'x'"),
     ("distill --teacher {T} --student resnet8 --data {P} --out {O}", "--data LABELED_IMAGES --write-card`"),
     ("select --teacher {NW} --pool {P} --out {O}", "has no 'weights', so the model would be randomly"),
 ]

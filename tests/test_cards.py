@@ -100,7 +100,7 @@ def test_torchvision_python_and_torchscript_models(tmp_path: Path, random_teache
     model = load_model(load_card(random_teacher))
     script = tmp_path / "teacher.ts"
     torch.jit.trace(model, torch.zeros(1, 1, 16, 16)).save(str(script))
-    card = load_card(script, {"size": 16, "channels": 1})
+    card = load_card(script, {"size": 16, "channels": 1, "mean": [0.5], "std": [0.5]})
     assert card.num_classes == 3 and card.torchscript == script
     x = torch.randn(2, 1, 16, 16)
     assert torch.allclose(load_model(card)(x), model(x), atol=1e-6)

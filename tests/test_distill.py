@@ -150,6 +150,9 @@ def test_cli_distill_then_student_is_a_teacher_and_exports(tmp_path, digits_fold
     ts = torch.jit.load(str(tmp_path / "s.ts"))
     assert ts(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
     assert "max |difference|" in res.stderr
+    assert load_card(tmp_path / "s.ts").input == load_card(card).input  # the exported file says how to feed it
+    res = runner.invoke(app, ["eval", "--model", str(tmp_path / "s.ts"), "--data", str(test)])
+    assert res.exit_code == 0, res.output
 
 
 def test_export_onnx_matches(tmp_path, digits_teacher):
@@ -191,7 +194,7 @@ def test_feature_terms_refuse_a_torchscript_teacher(tmp_path, digits_folders, di
     model = load_model(load_card(digits_teacher))
     ts = tmp_path / "t.ts"
     torch.jit.trace(model, torch.zeros(1, 1, 16, 16)).save(str(ts))
-    card = load_card(ts, {"size": 16, "channels": 1})
+    card = load_card(ts, {"size": 16, "channels": 1, "mean": [0.5], "std": [0.5]})
     with pytest.raises(DfkdError, match="TorchScript: its features cannot be read"):
         distill(card, "resnet8", [str(digits_folders[1])], tmp_path / "s",
                 cfg("kd", steps=2, align={"weight": 1.0, "hidden": 8}), workers=0, device="cpu")

@@ -145,7 +145,7 @@ def test_nan_teacher_outputs_are_recorded_not_selected(tmp_path, pattern_folder)
 
     script = tmp_path / "nan.ts"
     torch.jit.trace(NaNModel(), torch.zeros(2, 1, 16, 16)).save(str(script))
-    card = load_card(script, {"size": 16, "channels": 1})
+    card = load_card(script, {"size": 16, "channels": 1, "mean": [0.5], "std": [0.5]})
     res = select_pool(card, pattern_folder, tmp_path / "run", batch_size=100, workers=0, device="cpu")
     assert res.skipped == 1 and "not finite" in (tmp_path / "run" / "skipped.tsv").read_text()
 
