@@ -43,10 +43,11 @@ from dfkd.cards import build_arch, load_card, load_model  # noqa: E402
 from dfkd.distill.objectives import build_objective, make_extra_optimizers  # noqa: E402
 from dfkd.distill.run import soft_class_counts  # noqa: E402
 from dfkd.images import open_pool  # noqa: E402
-from dfkd.runtime import autocast, default_workers, resolve_device  # noqa: E402
+from dfkd.dist import SINGLE  # noqa: E402
+from dfkd.runtime import Runtime, autocast, default_workers, fast_bf16, resolve_device  # noqa: E402
 from dfkd.train.augment import augment_batch  # noqa: E402
 from dfkd.train.data import decode_images  # noqa: E402
-from dfkd.train.loop import LoopConfig, run_loop  # noqa: E402
+from dfkd.train.loop import LoopConfig, outputs, run_loop  # noqa: E402
 
 T = 4.0
 PAD = 4
@@ -62,8 +63,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast (default on, as dfkd distill)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default as dfkd distill: on for CUDA and CPUs with native bf16)")
     p.add_argument("--steps", type=int, default=25, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before the window, per run")
     p.add_argument("--rounds", type=int, default=3, help="bare/dfkd alternations per objective")
@@ -139,7 +140,7 @@ def dfkd_loop(method, teacher, student, data, spec, dev, args, info, out: Path, 
             marks.append((record["step"], time.perf_counter()))
 
     shutil.rmtree(out, ignore_errors=True)
-    run_loop(student, objective, data, spec, cfg, out, dev, teacher=teacher,
+    run_loop(student, objective, data, spec, cfg, out, Runtime(dev, cfg.amp, 0, SINGLE), teacher=teacher,
              extra_optimizers=make_extra_optimizers(objective.to(dev)), on_event=on_event)
     window = [t for step, t in marks if step >= args.warmup]
     return window if per_step else [window[0], window[-1]]
@@ -148,6 +149,7 @@ def dfkd_loop(method, teacher, student, data, spec, dev, args, info, out: Path, 
 def main(argv=None) -> None:
     args = parse(argv)
     dev = resolve_device(args.device)
+    args.amp = fast_bf16(dev) if args.amp is None else args.amp
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.objectives.split(",") if m.strip()]
@@ -176,7 +178,7 @@ def main(argv=None) -> None:
         info = {"accuracy": card.accuracy or 0.9, "class_accuracy": card.class_accuracy,
                 "class_counts": [1.0] * card.num_classes}
         if "robust" in methods:
-            info["class_counts"] = soft_class_counts(teacher, data, card, dev, LoopConfig(amp=args.amp))
+            info["class_counts"] = soft_class_counts(outputs(teacher, data, card.input, dev, LoopConfig(amp=args.amp)))
         if not isinstance(teacher, torch.jit.ScriptModule):
             teacher = teacher.to(memory_format=torch.channels_last)
 

@@ -7,7 +7,10 @@
 # Environment: NUM (images to select, default 2000), STUDENT (arch or card, default resnet8),
 # CONFIG (distill YAML, default pipelines/configs/dfnd-default.yaml), EPOCHS (overrides the
 # config), SEED (default 0), SELECT_ARGS / DISTILL_ARGS (extra flags, e.g. "--global").
-# Re-runnable: a finished step is skipped; an interrupted one resumes where it stopped.
+# Re-runnable: every step is run again and resumes where it stopped (a finished one is quick;
+# select selects again from its stored scores, so another NUM takes effect). A step whose inputs
+# changed since its run (another NUM changes distill's data) stops with one line naming what
+# differs: use another OUT, or add --overwrite to that step's *_ARGS.
 # stdout: the student card's path.
 set -euo pipefail
 [ $# -ge 3 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
@@ -19,14 +22,12 @@ here=$(cd "$(dirname "$0")" && pwd)
 NUM=${NUM:-2000} STUDENT=${STUDENT:-resnet8} SEED=${SEED:-0}
 CONFIG=${CONFIG:-$here/configs/dfnd-default.yaml}
 
-[ -f "$out/select/manifest.json" ] || \
-  dfkd select "${teachers[@]}" --pool "$pool" --out "$out/select" --num-images "$NUM" --seed "$SEED" \
-    ${SELECT_ARGS:-} >/dev/null
-[ -f "$out/distill/manifest.json" ] || \
-  dfkd distill "${teachers[@]}" --student "$STUDENT" --data "$out/select/selected.tsv" \
+dfkd select "${teachers[@]}" --pool "$pool" --out "$out/select" --num-images "$NUM" --seed "$SEED" \
+  ${SELECT_ARGS:-} >/dev/null
+dfkd distill "${teachers[@]}" --student "$STUDENT" --data "$out/select/selected.tsv" \
     --out "$out/distill" --config "$CONFIG" --seed "$SEED" ${EPOCHS:+--epochs "$EPOCHS"} \
     ${DISTILL_ARGS:-} >/dev/null
-if [ -n "$test" ] && [ ! -f "$out/eval/eval.json" ]; then
+if [ -n "$test" ]; then
   dfkd eval --model "$out/distill/student.yaml" --data "$test" --out "$out/eval" >/dev/null
 fi
 echo "$out/distill/student.yaml"

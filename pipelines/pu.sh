@@ -8,26 +8,26 @@
 # STUDENT (default resnet8), CONFIG (distill YAML, default pipelines/configs/pu-default.yaml),
 # EPOCHS (distill epochs, overrides the config), PU_EPOCHS (default 10), SEED (default 0),
 # REPEAT_POSITIVE (default 1), PU_ARGS / EXPAND_ARGS / DISTILL_ARGS (extra flags).
-# Re-runnable: a finished step is skipped; an interrupted one resumes where it stopped.
+# Re-runnable: every step is run again and resumes where it stopped (a finished one is quick;
+# expand selects again from its stored scores). A step whose inputs
+# changed since its run (another EXPAND_ARGS changes distill's data) stops with one line naming what
+# differs: use another OUT, or add --overwrite to that step's *_ARGS.
 # stdout: the student card's path.
 set -euo pipefail
-[ $# -ge 4 ] && [ -n "${PRIOR:-}" ] || { sed -n '2,13p' "$0" >&2; exit 2; }
+[ $# -ge 4 ] && [ -n "${PRIOR:-}" ] || { sed -n '2,15p' "$0" >&2; exit 2; }
 teacher=$1 positives=$2 pool=$3 out=$4 test=${5:-}
 here=$(cd "$(dirname "$0")" && pwd)
 STUDENT=${STUDENT:-resnet8} SEED=${SEED:-0} PU_EPOCHS=${PU_EPOCHS:-10}
 CONFIG=${CONFIG:-$here/configs/pu-default.yaml}
 
-[ -f "$out/pu/manifest.json" ] || \
-  dfkd pu-train --teacher "$teacher" --positive "$positives" --unlabeled "$pool" --out "$out/pu" \
+dfkd pu-train --teacher "$teacher" --positive "$positives" --unlabeled "$pool" --out "$out/pu" \
     --prior "$PRIOR" --epochs "$PU_EPOCHS" --seed "$SEED" ${PU_ARGS:-} >/dev/null
-[ -f "$out/expand/manifest.json" ] || \
-  dfkd expand --pu "$out/pu/pu.yaml" --positive "$positives" --unlabeled "$pool" --out "$out/expand" \
+dfkd expand --pu "$out/pu/pu.yaml" --positive "$positives" --unlabeled "$pool" --out "$out/expand" \
     --repeat-positive "${REPEAT_POSITIVE:-1}" ${EXPAND_ARGS:-} >/dev/null
-[ -f "$out/distill/manifest.json" ] || \
-  dfkd distill --teacher "$teacher" --student "$STUDENT" --data "$out/expand/expanded.tsv" \
+dfkd distill --teacher "$teacher" --student "$STUDENT" --data "$out/expand/expanded.tsv" \
     --out "$out/distill" --config "$CONFIG" --seed "$SEED" ${EPOCHS:+--epochs "$EPOCHS"} \
     ${DISTILL_ARGS:-} >/dev/null
-if [ -n "$test" ] && [ ! -f "$out/eval/eval.json" ]; then
+if [ -n "$test" ]; then
   dfkd eval --model "$out/distill/student.yaml" --data "$test" --out "$out/eval" >/dev/null
 fi
 echo "$out/distill/student.yaml"

@@ -178,9 +178,10 @@ def run_loop(model: nn.Module, objective: nn.Module, data: ImageSet, spec: Input
     resumed_from = step
     train_model, train_objective = _distributed(model, rt), _distributed(objective, rt, find_unused_parameters=True)
     metrics = out / "metrics.jsonl"
-    log = None
+    log, logged = None, {}
     if ranks.main:
-        _truncate_metrics(metrics, step)
+        out.mkdir(parents=True, exist_ok=True)
+        logged = _truncate_metrics(metrics, step)
         log = open(metrics, "a", encoding="utf-8")
 
     def save(path: Path) -> None:
@@ -274,7 +275,7 @@ def run_loop(model: nn.Module, objective: nn.Module, data: ImageSet, spec: Input
             tap.remove()
     if step < total:  # stopped early (stop_after); a finished run saved at its last step
         save(last_path)
-    return LoopResult(step, step / per_epoch, record, best, resumed_from)
+    return LoopResult(step, step / per_epoch, record or logged, best, resumed_from)
 
 
 def _part(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -295,10 +296,11 @@ def _on_device(data: ImageSet, device: torch.device) -> tuple[torch.Tensor, torc
     return data.images.pin_memory(), data.labels.pin_memory()
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint we resume from (they will be redone)."""
+def _truncate_metrics(path: Path, step: int) -> dict:
+    """Drop records written after the checkpoint we resume from (they will be redone); returns
+    the last record kept (what a finished run that is started again reports)."""
     if not path.is_file():
-        return
+        return {}
     keep = []
     for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
@@ -307,3 +309,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
         except ValueError:  # a line torn by a killed run
             continue
     path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+    return json.loads(keep[-1]) if keep else {}
