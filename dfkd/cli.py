@@ -32,6 +32,8 @@ EPOCHS = typer.Option(None, help="Epochs (overrides the config).")
 STEPS = typer.Option(None, help="Train for this many steps instead of epochs.")
 BATCH_SIZE = typer.Option(None, help="Global batch size (overrides the config); under torchrun each of N ranks"
                                       " trains on 1/N of every batch.")
+TENSORBOARD = typer.Option(False, "--tensorboard", help="Also log the training metrics for TensorBoard in"
+                                                          " OUT/tensorboard (metrics.jsonl stays).")
 OVERWRITE = typer.Option(False, "--overwrite", help="Start afresh in an --out that holds a run with other inputs.")
 CONFIG = typer.Option(None, help="YAML file of settings (e.g. pipelines/configs/*.yaml).")
 SET = typer.Option([], "--set", help="Override a setting: key=value (repeatable; objective.<opt>=value).")
@@ -189,6 +191,7 @@ def train(
     device: str = DEVICE,
     seed: Optional[int] = SEED,
     overwrite: bool = OVERWRITE,
+    tensorboard: bool = TENSORBOARD,
 ) -> None:
     """Train a classifier with cross-entropy (a teacher for the demo, or a baseline)."""
     from .config import resolve_config
@@ -201,7 +204,8 @@ def train(
     err.print(table("config", ["key", "value"], cfg.items()))
     with _training_progress() as on_event:
         result = train_classifier(arch, data, out, loop, size=size, channels=channels, val_split=val_split,
-                                  workers=workers, device=device, overwrite=overwrite, on_event=on_event)
+                                  workers=workers, device=device, overwrite=overwrite, tensorboard=tensorboard,
+                                  on_event=on_event)
     if result is None:  # a rank other than 0
         return
     rows = [("steps", result.steps), ("validation top-1 (last)", result.val_top1),
@@ -265,6 +269,7 @@ def distill(
     input_mean: Optional[str] = INPUT_MEAN,
     input_std: Optional[str] = INPUT_STD,
     overwrite: bool = OVERWRITE,
+    tensorboard: bool = TENSORBOARD,
 ) -> None:
     """Distill the teacher into a student on selected/expanded images (kd, noisy, robust)."""
     from .config import resolve_config
@@ -277,7 +282,7 @@ def distill(
     err.print(table("config", ["key", "value"], [(k, v) for k, v in cfg.items()]))
     with _training_progress() as on_event:
         result = run_distill(cards, student, data, out, cfg, eval_data=eval_data, workers=workers,
-                             device=device, overwrite=overwrite, on_event=on_event)
+                             device=device, overwrite=overwrite, tensorboard=tensorboard, on_event=on_event)
     if result is None:  # a rank other than 0
         return
     rows = [("objective", result.description), ("images", result.images), ("skipped images", result.skipped),
@@ -315,6 +320,7 @@ def pu_train(
     device: str = DEVICE,
     seed: Optional[int] = SEED,
     overwrite: bool = OVERWRITE,
+    tensorboard: bool = TENSORBOARD,
 ) -> None:
     """Train the PU classifier (nnPU risk, multi-scale SE features) of PU Compression."""
     from .config import resolve_config
@@ -328,7 +334,7 @@ def pu_train(
         r = run_pu(card, positive, unlabeled, out, prior, LoopConfig(**cfg), backbone=backbone,
                    taps=taps.split(",") if taps else None, reduction=reduction, beta=beta, gamma=gamma,
                    positive_share=positive_share, workers=workers, device=device, overwrite=overwrite,
-                   on_event=on_event)
+                   tensorboard=tensorboard, on_event=on_event)
     if r is None:  # a rank other than 0
         return
     err.print(table("pu-train", ["", "value"], [

@@ -84,3 +84,26 @@ def test_diverging_training_stops_with_a_clear_error_and_keeps_no_nan_checkpoint
         train_classifier("resnet8", pattern_folder, tmp_path / "run", cfg, val_split=0.2, workers=0, device="cpu")
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_tensorboard_logs_the_metrics_and_a_resume_drops_the_redone_steps(tmp_path: Path, pattern_folder: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from typer.testing import CliRunner
+
+    from dfkd.cli import app
+
+    out = tmp_path / "run"
+    cfg = LoopConfig(steps=6, batch_size=8, log_every=1)
+    train_classifier("resnet8", pattern_folder, out, cfg, val_split=0, workers=0, device="cpu", stop_after=3,
+                     tensorboard=True)  # interrupted after step 3 ...
+    (out / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text() + json.dumps({"step": 4}) + "\n")
+    args = ["train", "--arch", "resnet8", "--data", str(pattern_folder), "--out", str(out), "--steps", "6",
+            "--batch-size", "8", "--workers", "0", "--val-split", "0", "--set", "log_every=1", "--tensorboard"]
+    res = CliRunner().invoke(app, args)  # ... and resumed from the command line
+    assert res.exit_code == 0, res.output
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("loss")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    logged = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(logged, rel=1e-6)

@@ -101,7 +101,7 @@ def _student(student: str, teacher: ModelCard, device: torch.device) -> tuple[to
 def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Sequence[str | Path], out: str | Path,
             config: dict, *,
             eval_data: str | Path | None = None, workers: int | None = None, device: str = "auto",
-            stop_after: int | None = None, overwrite: bool = False,
+            stop_after: int | None = None, overwrite: bool = False, tensorboard: bool = False,
             on_event: Callable[[dict], None] | None = None) -> DistillResult | None:
     """Distill the teacher (or an ensemble of teachers) into ``student`` on the images of ``data``.
 
@@ -157,7 +157,7 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Seque
             on_event({"event": "describe", "text": objective.describe()})
         result = run_loop(s_model, objective, train, card.input, loop, out, rt, teacher=teacher.model, val=val,
                           stop_after=stop_after, extra_optimizers=make_extra_optimizers(objective.to(rt.device)),
-                          on_event=on_event)
+                          tensorboard=tensorboard, on_event=on_event)
         if not rt.ranks.main:
             return None
         val_top1 = accuracy(s_model, val, card.input, rt.device, loop) if val is not None else None

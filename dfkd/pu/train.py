@@ -77,7 +77,7 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
              cfg: LoopConfig, *, backbone: str | None = None, taps: list[str] | None = None,
              reduction: int = 16, beta: float = 0.0, gamma: float = 1.0, positive_share: float = 0.25,
              holdout: float = 0.2, workers: int | None = None, device: str = "auto",
-             stop_after: int | None = None, overwrite: bool = False,
+             stop_after: int | None = None, overwrite: bool = False, tensorboard: bool = False,
              on_event: Callable[[dict], None] | None = None) -> PuResult | None:
     """Train the PU classifier; write ``out/pu.yaml`` and its weights."""
     out = Path(out)
@@ -121,7 +121,8 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
         train = ImageSet(torch.cat([pos.images[fit_rep], unl.images]),
                          torch.cat([pos.labels[fit_rep], unl.labels]),
                          [pos.paths[i] for i in fit_rep.tolist()] + unl.paths)
-        result = run_loop(model, objective, train, spec, cfg, out, rt, stop_after=stop_after, on_event=on_event)
+        result = run_loop(model, objective, train, spec, cfg, out, rt, stop_after=stop_after,
+                          tensorboard=tensorboard, on_event=on_event)
         if not rt.ranks.main:
             return None
         held = ImageSet(pos.images[hold], pos.labels[hold], [pos.paths[i] for i in hold.tolist()])

@@ -67,7 +67,8 @@ def data_stats(data: ImageSet) -> tuple[list[float], list[float]]:
 def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConfig, *, size: int | None = None,
                      channels: int | None = None, val_split: float = 0.1, arch_args: dict | None = None,
                      workers: int | None = None, device: str = "auto", stop_after: int | None = None,
-                     overwrite: bool = False, on_event: Callable[[dict], None] | None = None) -> TrainResult | None:
+                     overwrite: bool = False, tensorboard: bool = False,
+                     on_event: Callable[[dict], None] | None = None) -> TrainResult | None:
     """Train ``arch`` from scratch on an ImageFolder/index; write ``out/model.yaml``.
 
     Under torchrun: DistributedDataParallel, ``cfg.batch_size`` global; rank 0 returns the result."""
@@ -100,7 +101,7 @@ def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConf
         if rt.ranks.main:
             write_index(out / "skipped.tsv", full.skipped, ["path", "reason"])
         result = run_loop(model, CrossEntropy(), train, spec, cfg, out, rt, val=val, stop_after=stop_after,
-                          on_event=on_event)
+                          tensorboard=tensorboard, on_event=on_event)
         if not rt.ranks.main:
             return None
         val_top1 = accuracy(model, val, spec, rt.device, cfg) if val is not None else float("nan")

@@ -132,11 +132,12 @@ def _distributed(module: nn.Module, rt: Runtime, **kw) -> nn.Module:
 def run_loop(model: nn.Module, objective: nn.Module, data: ImageSet, spec: InputSpec, cfg: LoopConfig,
              out: Path, rt: Runtime, *, teacher: nn.Module | None = None,
              val: ImageSet | None = None, stop_after: int | None = None,
-             extra_optimizers: Sequence[torch.optim.Optimizer] = (),
+             extra_optimizers: Sequence[torch.optim.Optimizer] = (), tensorboard: bool = False,
              on_event: Callable[[dict], None] | None = None) -> LoopResult:
     """Train ``model`` on ``data`` with ``objective``; checkpoints in ``out/checkpoints``.
 
     ``extra_optimizers`` step the objective's own parameters (DFND's θ) beside the model's SGD.
+    ``tensorboard``: also write every metrics record to ``out/tensorboard`` (the JSONL stays).
     """
     cfg.check()
     device, ranks = rt.device, rt.ranks
@@ -178,11 +179,12 @@ def run_loop(model: nn.Module, objective: nn.Module, data: ImageSet, spec: Input
     resumed_from = step
     train_model, train_objective = _distributed(model, rt), _distributed(objective, rt, find_unused_parameters=True)
     metrics = out / "metrics.jsonl"
-    log, logged = None, {}
+    log, logged, board = None, {}, None
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
         logged = _truncate_metrics(metrics, step)
         log = open(metrics, "a", encoding="utf-8")
+        board = _board(out / "tensorboard", step) if tensorboard else None
 
     def save(path: Path) -> None:
         if not ranks.main:
@@ -196,6 +198,11 @@ def run_loop(model: nn.Module, objective: nn.Module, data: ImageSet, spec: Input
         if log is not None:
             log.write(json.dumps(record) + "\n")
             log.flush()
+        if board is not None:
+            for k, v in record.items():
+                if k not in ("step", "epoch"):
+                    board.add_scalar(k, v, record["step"])
+            board.flush()
         if on_event and ranks.main:
             on_event(record)
 
@@ -271,11 +278,22 @@ def run_loop(model: nn.Module, objective: nn.Module, data: ImageSet, spec: Input
     finally:
         if log is not None:
             log.close()
+        if board is not None:
+            board.close()
         for tap in taps or ():
             tap.remove()
     if step < total:  # stopped early (stop_after); a finished run saved at its last step
         save(last_path)
     return LoopResult(step, step / per_epoch, record or logged, best, resumed_from)
+
+
+def _board(folder: Path, step: int):
+    """A TensorBoard writer; on a resume, events after ``step`` are dropped (they will be redone)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise DfkdError("--tensorboard needs the tensorboard package: pip install 'dfkd[tensorboard]'") from None
+    return SummaryWriter(str(folder), purge_step=step + 1 if step else None)
 
 
 def _part(n: int, rank: int, world: int) -> tuple[int, int]:
