@@ -44,10 +44,20 @@ POSITIVE = typer.Option(..., help="A few original images: directory (class folde
 UNLABELED = typer.Option(..., help="The wild pool: directory or index.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        emit(f"dfkd {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(trust_code: bool = typer.Option(
         False, "--trust-code", help="Allow python:<module>:<callable> arches, which import and run code named by"
-                                    " a card or flag (as DFKD_TRUST_CODE=1 does). Only for cards you trust.")) -> None:
+                                    " a card or flag (as DFKD_TRUST_CODE=1 does). Only for cards you trust."),
+        version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                     help="Print dfkd's version and exit.")) -> None:
     if trust_code:
         import os
 
@@ -460,12 +470,23 @@ def eval_(
 
 @command
 def list_(what: str = typer.Argument("all", help="archs, scorers, policies, objectives, extractors or all.")) -> None:
-    """List the registries: architectures, scorers, selection policies, objectives, PU extractors."""
-    for name, reg in _registries().items():
+    """List the registries: architectures, scorers, selection policies, objectives, PU extractors.
+
+    The list is the command's output, so it goes to stdout: tables on a terminal, tab-separated
+    lines (registry, key, summary, paper) in a pipe."""
+    registries = _registries()
+    if what != "all" and what not in registries:
+        raise DfkdError(f"unknown registry {what!r}; known: {', '.join(registries)}")
+    from rich.console import Console
+
+    out = Console(highlight=False)
+    for name, reg in registries.items():
         if what in ("all", name):
-            err.print(table(name, ["key", "summary", "paper"], [(e.key, e.summary, e.paper) for e in reg]))
-    if what != "all" and what not in _registries():
-        raise DfkdError(f"unknown registry {what!r}; known: {', '.join(_registries())}")
+            if out.is_terminal:
+                out.print(table(name, ["key", "summary", "paper"], [(e.key, e.summary, e.paper) for e in reg]))
+            else:
+                for e in reg:
+                    emit("\t".join((name, e.key, e.summary, e.paper)))
 
 
 def _registries() -> dict:

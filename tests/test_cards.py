@@ -158,3 +158,15 @@ def test_torchvision_arch_on_one_channel_images_gets_a_one_channel_stem(tmp_path
     assert res.exit_code == 0, res.output
     model = load_model(load_card(tmp_path / "tv" / "model.yaml"))
     assert model.conv1.in_channels == 1 and model(torch.zeros(2, 1, 16, 16)).shape == (2, 3)
+
+
+def test_list_goes_to_stdout_for_pipes_and_version():
+    from typer.testing import CliRunner
+
+    import dfkd
+    from dfkd.cli import app
+
+    res = CliRunner().invoke(app, ["list", "policies"])
+    assert res.exit_code == 0 and res.stdout.splitlines()[0].startswith("policies\tglobal\t")
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.strip() == f"dfkd {dfkd.__version__}"
