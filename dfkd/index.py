@@ -1,6 +1,6 @@
 """Index files (``*.tsv``): the one reader and writer every subcommand uses.
 
-Contract (ARCHITECTURE.md): UTF-8, tab-separated, a header line; column ``path`` required,
+Contract (docs/ARCHITECTURE.md): UTF-8, tab-separated, a header line; column ``path`` required,
 absolute or relative to the index file's directory; optional ``label`` (int, -1 = unknown),
 ``score`` (float), ``source``; other columns are preserved; row order is meaningful.
 """

@@ -107,3 +107,4 @@ def test_tensorboard_logs_the_metrics_and_a_resume_drops_the_redone_steps(tmp_pa
     assert steps == [1, 2, 3, 4, 5, 6]
     logged = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e.value for e in events.Scalars("loss")] == pytest.approx(logged, rel=1e-6)
+    assert yaml.safe_load((out / "config.yaml").read_text())["steps"] == 6  # the resolved config, as distill

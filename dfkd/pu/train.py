@@ -113,6 +113,7 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
         skipped = pos_index.problems + pos.skipped + unl_index.problems + unl.skipped
         if rt.ranks.main:
             write_index(out / "skipped.tsv", skipped, ["path", "reason"])
+            write_text(out / "config.yaml", yaml.safe_dump(options, sort_keys=False))  # the resolved config
         n_hold = int(len(pos) * holdout) if len(pos) >= 5 else 0
         perm = torch.randperm(len(pos), generator=torch.Generator().manual_seed(cfg.seed))
         hold, fit = perm[:n_hold].sort().values, perm[n_hold:].sort().values

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 from PIL import Image
 from torch import nn
 
@@ -13,6 +14,7 @@ from ..cards import build_arch, save_card
 from ..errors import DfkdError
 from ..images import InputSpec, open_labeled
 from ..index import write_index
+from ..io import write_text
 from ..pool import data_digest
 from ..rundir import open_run, write_manifest
 from ..runtime import setup
@@ -100,6 +102,7 @@ def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConf
         model = build_arch(arch, num_classes, spec.channels, arch_args)
         if rt.ranks.main:
             write_index(out / "skipped.tsv", full.skipped, ["path", "reason"])
+            write_text(out / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))  # the resolved config
         result = run_loop(model, CrossEntropy(), train, spec, cfg, out, rt, val=val, stop_after=stop_after,
                           tensorboard=tensorboard, on_event=on_event)
         if not rt.ranks.main:
