@@ -1,6 +1,7 @@
 """Model cards: a small YAML file that says how to build, load and feed a model.
 
-Keys: ``arch`` (registry name, ``torchvision:<name>`` or ``python:<module>:<callable>``),
+Keys: ``arch`` (registry name, ``torchvision:<name>``, ``timm:<name>`` or
+``python:<module>:<callable>``),
 ``arch_args`` (optional keyword arguments), ``num_classes``, ``weights`` (state_dict file,
 relative to the card) or ``torchscript`` (file), ``input`` (see :class:`InputSpec`), and
 optionally ``classes``, ``accuracy``, ``class_accuracy``. A TorchScript file alone is
@@ -79,6 +80,11 @@ def load_card(path: str | Path, input_overrides: dict | None = None) -> ModelCar
     except (KeyError, TypeError, ValueError):
         raise DfkdError(f"{path}: 'num_classes' missing or not an integer") from None
     spec = dict(data.get("input") or {})
+    if str(data.get("arch", "")).startswith("timm:"):  # timm's own input config fills what the card leaves out
+        base = timm_input(data["arch"], path)
+        if spec.get("channels", base.get("channels")) != base.get("channels"):
+            base = {k: v for k, v in base.items() if k not in ("mean", "std")}  # made for other channels
+        spec = {**base, **spec}
     spec.update(input_overrides or {})
     card = ModelCard(path=path, num_classes=num_classes, input=InputSpec.from_dict(spec, f"{path}: input"),
                      arch=data.get("arch"), arch_args=dict(data.get("arch_args") or {}),
@@ -142,6 +148,12 @@ def arch_builder(arch: str, where: Path | str = "--arch"):
             raise DfkdError(f"{where}: unknown torchvision model {name!r}")
         return lambda num_classes, in_channels=3, **kw: adapt_stem(torchvision.models.get_model(
             name, weights=None, num_classes=num_classes, **kw), in_channels, where)
+    if arch.startswith("timm:"):
+        timm, name = _timm(where), arch.split(":", 1)[1]
+        if not timm.is_model(name):
+            raise DfkdError(f"{where}: unknown timm model {name!r} (timm.list_models() lists them)")
+        return lambda num_classes, in_channels=3, **kw: timm.create_model(
+            name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kw)
     if arch.startswith("python:"):
         if os.environ.get(TRUST_CODE) != "1":
             raise DfkdError(f"{where}: arch {arch!r} imports and runs code named by the card; dfkd runs no such"
@@ -154,8 +166,25 @@ def arch_builder(arch: str, where: Path | str = "--arch"):
             raise DfkdError(f"{where}: cannot import {arch!r} ({e})") from None
     if arch not in ARCHS:
         raise DfkdError(f"{where}: unknown arch {arch!r}; known: {', '.join(ARCHS.keys())},"
-                        " torchvision:<name>, python:<module>:<callable>")
+                        " torchvision:<name>, timm:<name>, python:<module>:<callable>")
     return ARCHS.get(arch)
+
+
+def _timm(where: Path | str):
+    try:
+        import timm
+    except ImportError:
+        raise DfkdError(f"{where}: timm: arches need the timm package: pip install 'dfkd[timm]'") from None
+    return timm
+
+
+def timm_input(arch: str, where: Path | str) -> dict:
+    """The input a timm model was made for (its default pretrained config): size, mean, std."""
+    cfg = _timm(where).get_pretrained_cfg(arch.split(":", 1)[1])
+    if cfg is None:
+        return {}
+    return {"size": list(cfg.input_size[1:]), "channels": cfg.input_size[0], "mean": list(cfg.mean),
+            "std": list(cfg.std), "resize": "crop"}
 
 
 def adapt_stem(model: nn.Module, in_channels: int, where: Path | str) -> nn.Module:

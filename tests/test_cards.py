@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from dfkd.cards import load_card, load_model, save_card
+from dfkd.cards import build_arch, load_card, load_model, save_card
 from dfkd.errors import DfkdError
 from dfkd.images import InputSpec
 from dfkd.models import ARCHS
@@ -170,3 +170,24 @@ def test_list_goes_to_stdout_for_pipes_and_version():
     assert res.exit_code == 0 and res.stdout.splitlines()[0].startswith("policies\tglobal\t")
     res = CliRunner().invoke(app, ["--version"])
     assert res.exit_code == 0 and res.stdout.strip() == f"dfkd {dfkd.__version__}"
+
+
+def test_timm_teacher_takes_timms_input_config_and_trains(tmp_path: Path, pattern_folder: Path):
+    pytest.importorskip("timm")
+    from typer.testing import CliRunner
+
+    from dfkd.cli import app
+
+    torch.manual_seed(0)
+    net = build_arch("timm:resnet18", 4, 3)
+    torch.save(net.state_dict(), tmp_path / "tm.pt")
+    card = load_card(write_card(tmp_path / "tm.yaml", arch="timm:resnet18", num_classes=4, weights="tm.pt"))
+    assert card.input.size == (224, 224) and card.input.mean == pytest.approx([0.485, 0.456, 0.406])
+    assert load_model(card)(torch.zeros(2, 3, 224, 224)).shape == (2, 4)
+    with pytest.raises(DfkdError, match="unknown timm model 'resnet_nope'"):
+        load_card(write_card(tmp_path / "bad.yaml", arch="timm:resnet_nope", num_classes=4))
+    res = CliRunner().invoke(app, ["train", "--arch", "timm:resnet18", "--data", str(pattern_folder), "--out",
+                                   str(tmp_path / "run"), "--steps", "2", "--batch-size", "8", "--val-split", "0",
+                                   "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    assert load_model(load_card(tmp_path / "run" / "model.yaml"))(torch.zeros(2, 1, 16, 16)).shape == (2, 3)
