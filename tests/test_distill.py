@@ -198,3 +198,19 @@ def test_feature_terms_refuse_a_torchscript_teacher(tmp_path, digits_folders, di
     with pytest.raises(DfkdError, match="TorchScript: its features cannot be read"):
         distill(card, "resnet8", [str(digits_folders[1])], tmp_path / "s",
                 cfg("kd", steps=2, align={"weight": 1.0, "hidden": 8}), workers=0, device="cpu")
+
+
+def test_the_readme_python_api_example_runs(tmp_path, digits_folders, digits_teacher):
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Python API.*?```python\n(.*?)```", readme, re.S).group(1)
+    train, test = digits_folders
+    for old, new in (("runs/demo/teacher/model.yaml", str(digits_teacher)), ("data/demo/wild", str(test)),
+                     ("data/demo/test", str(test)), ("runs/api", str(tmp_path / "api")), ("num=2000", "num=300"),
+                     ("epochs=5", "epochs=2")):
+        assert old in code, old
+        code = code.replace(old, new)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "api" / "student" / "student.yaml").is_file()
+    assert len(read_index(tmp_path / "api" / "select" / "selected.tsv")) == 300

@@ -6,9 +6,8 @@ the resolved config is saved as ``OUT/config.yaml`` and a resumed run must match
 """
 from __future__ import annotations
 
-import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -31,9 +30,21 @@ from .objectives import build_objective, make_extra_optimizers
 from .terms import TERM_DEFAULTS, WithTerms
 
 
+@dataclass
+class DistillConfig(LoopConfig):
+    """A distillation's settings, typed: the loop's, the method, its objective's options
+    (``dfkd list objectives``) and the extra terms. ``asdict()`` gives the config the CLI resolves."""
+
+    method: str = "noisy"
+    objective: dict = field(default_factory=dict)
+    align: dict = field(default_factory=lambda: dict(TERM_DEFAULTS["align"]))
+    correlation: dict = field(default_factory=lambda: dict(TERM_DEFAULTS["correlation"]))
+    discriminator: dict = field(default_factory=lambda: dict(TERM_DEFAULTS["discriminator"]))
+
+
 def default_config() -> dict:
     """Defaults in code: the loop's settings, the method, its objective's options, extra terms."""
-    return {"method": "noisy", **asdict(LoopConfig(epochs=30)), "objective": {}, **copy.deepcopy(TERM_DEFAULTS)}
+    return asdict(DistillConfig())
 
 
 @dataclass
@@ -99,17 +110,19 @@ def _student(student: str, teacher: ModelCard, device: torch.device) -> tuple[to
 
 
 def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Sequence[str | Path], out: str | Path,
-            config: dict, *,
+            config: dict | DistillConfig, *,
             eval_data: str | Path | None = None, workers: int | None = None, device: str = "auto",
             stop_after: int | None = None, overwrite: bool = False, tensorboard: bool = False,
             on_event: Callable[[dict], None] | None = None) -> DistillResult | None:
-    """Distill the teacher (or an ensemble of teachers) into ``student`` on the images of ``data``.
+    """Distill the teacher (or an ensemble of teachers) into ``student`` on the images of ``data``,
+    with ``config`` a :class:`DistillConfig` or the equivalent dict (as the CLI resolves it).
 
     Under torchrun: DistributedDataParallel on the student (never the teacher), the batch size
     global; rank 0 writes and returns the result (the other ranks return None)."""
     teachers = [teachers] if isinstance(teachers, ModelCard) else list(teachers)
     check_compatible(teachers)
     card = teachers[0]  # its input description feeds the student and the ensemble
+    config = asdict(config) if isinstance(config, DistillConfig) else config
     out = Path(out)
     method, obj_cfg = config["method"], dict(config.get("objective") or {})
     terms = {k: config[k] for k in TERM_DEFAULTS}
