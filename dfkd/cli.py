@@ -126,7 +126,8 @@ def select(
     out: Path = typer.Option(..., help="Run directory to write scores/selected/skipped.tsv into."),
     num_images: Optional[int] = typer.Option(None, help="Select this many images."),
     ratio: Optional[float] = typer.Option(None, help="Select this share of the scored pool."),
-    max_noise: Optional[float] = typer.Option(None, help="Keep only images with score <= this value."),
+    max_score: Optional[float] = typer.Option(None, "--max-score", "--max-noise",
+                                              help="Keep only images whose score (of any --score) is <= this."),
     per_class: bool = typer.Option(True, "--per-class/--global",
                                    help="Balanced quota per predicted class (default) or the paper's global top-k."),
     score: str = typer.Option("noise", help="Scorer: noise (DFND), entropy, energy, random."),
@@ -152,14 +153,14 @@ def select(
     if merge:
         if teacher or pool or shard:
             raise DfkdError("--merge takes the teacher and pool from the shard runs: drop --teacher, --pool, --shard")
-        result = merge_shards(merge, out, num=num_images, ratio=ratio, max_score=max_noise, policy=policy,
+        result = merge_shards(merge, out, num=num_images, ratio=ratio, max_score=max_score, policy=policy,
                               overwrite=overwrite)
     else:
         if not teacher or pool is None:
             raise DfkdError("--teacher and --pool are required (or --merge SHARD_RUNS)")
         cards = [_card(t, input_size, input_channels, input_mean, input_std) for t in teacher]
         with progress("scoring") as update:
-            result = select_pool(cards, pool, out, num=num_images, ratio=ratio, max_score=max_noise,
+            result = select_pool(cards, pool, out, num=num_images, ratio=ratio, max_score=max_score,
                                  policy=policy, score=score, batch_size=batch_size, workers=workers,
                                  device=device, amp=amp, seed=seed, shard=_shard(shard), overwrite=overwrite,
                                  on_progress=lambda d, t: update(d, t))
@@ -191,8 +192,10 @@ def train(
     steps: Optional[int] = STEPS,
     batch_size: Optional[int] = BATCH_SIZE,
     lr: Optional[float] = typer.Option(None, help="Learning rate of the config's optimizer (default: SGD, 0.1)."),
-    size: Optional[int] = typer.Option(None, help="Input size (default: the first image's)."),
-    channels: Optional[int] = typer.Option(None, help="Input channels, 1 or 3 (default: the first image's)."),
+    size: Optional[int] = typer.Option(None, "--size", "--input-size",
+                                       help="Input size (default: the first image's)."),
+    channels: Optional[int] = typer.Option(None, "--channels", "--input-channels",
+                                           help="Input channels, 1 or 3 (default: the first image's)."),
     val_split: float = typer.Option(0.1, help="Share of the data held out for validation (0: none)."),
     config: Optional[Path] = CONFIG,
     set_: List[str] = SET,

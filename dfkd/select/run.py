@@ -61,7 +61,7 @@ def check_selection(num: int | None, ratio: float | None, max_score: float | Non
     if ratio is not None and not 0 < ratio <= 1:
         raise DfkdError(f"--ratio {ratio}: must be in (0, 1]")
     if max_score is not None and not np.isfinite(max_score):
-        raise DfkdError(f"--max-noise {max_score}: must be a finite number")
+        raise DfkdError(f"--max-score {max_score}: must be a finite number")
 
 
 def _score_rows(teacher: Teacher, score: str, seed: int):
@@ -203,7 +203,7 @@ def finish(segments: list[Segment], card: ModelCard, out: Path, *, num: int | No
     files = {"scores": write_index(out / "scores.tsv", scored(), columns)}
     picked = choice.result() if select else []
     if select and not picked:
-        raise DfkdError(f"--max-noise {max_score}: no scored image has a score that low (the smallest is"
+        raise DfkdError(f"--max-score {max_score}: no scored image has a score that low (the smallest is"
                         f" {float(values.min()):.4g}); the scores are in {files['scores']}")
     if select:
         files["selected"] = write_index(out / "selected.tsv", picked, columns)
