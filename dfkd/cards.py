@@ -245,7 +245,8 @@ def load_model(card: ModelCard, device: str | torch.device = "cpu") -> nn.Module
         if missing or unexpected or shapes:
             def few(keys: list[str]) -> str:
                 return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-            parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
+            parts = [f"missing {few(missing)}" if missing else "",
+                     f"unexpected {few(unexpected)}" if unexpected else "",
                      "other shape: " + few([f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
                                             for k in shapes]) if shapes else ""]
             raise DfkdError(f"{card.weights}: does not fit arch {card.arch} with {card.num_classes} classes: "

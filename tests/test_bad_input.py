@@ -21,7 +21,8 @@ def env(tmp_path, pattern_folder, random_teacher):
     ts = tmp_path / "teacher.ts"  # a 1-channel 16x16 model, given without its input flags
     torch.jit.trace(load_model(load_card(random_teacher)), torch.zeros(1, 1, 16, 16)).save(str(ts))
     (tmp_path / "noweights.yaml").write_text("arch: resnet8\nnum_classes: 3\ninput: {size: 16, channels: 1}\n")
-    return {"TS": str(ts), "NW": str(tmp_path / "noweights.yaml"), "T": str(random_teacher), "P": str(pattern_folder), "O": str(tmp_path / "out"),
+    return {"TS": str(ts), "NW": str(tmp_path / "noweights.yaml"), "T": str(random_teacher),
+            "P": str(pattern_folder), "O": str(tmp_path / "out"),
             "F": str(tmp_path / "afile"), "B": str(tmp_path / "binary.yaml"), "D": str(tmp_path)}
 
 
