@@ -27,7 +27,8 @@ NOT_LOSSES = ("worst_index", "clipped")  # logged beside the losses: robust KD's
 CSS = """body{font:14px/1.4 sans-serif;max-width:1150px;margin:1em auto;color:#222}
 h1{font-size:20px;word-break:break-all}h2{border-bottom:2px solid #ccc;margin-top:1.6em}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:2px 8px;text-align:left;
-vertical-align:middle}.plot{max-width:100%}.t{width:48px;height:48px;margin:1px;image-rendering:pixelated}
+vertical-align:middle}.plot{max-width:100%}.t{width:48px;height:48px;margin:1px;image-rendering:pixelated;
+border:1px solid #999}
 .note{color:#8a5a00;font-style:italic}code{background:#f3f3f3;padding:0 3px;white-space:nowrap;line-height:1.7}
 small{color:#666}.cmd{white-space:normal;overflow-wrap:anywhere}"""
 
@@ -354,25 +355,32 @@ def _header(run: Path, manifest: dict, has: dict[str, bool]) -> list[str]:
             f"<p>options {options or '-'}</p><p>{found}</p>"]
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Render ``run_dir``'s select / expand / training / eval outputs into one HTML file."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise DfkdError(f"{run}: run directory not found")
+STEPS = ("pu", "expand", "select", "teacher", "distill", "student", "eval")  # a pipeline's order
+
+
+def _found(run: Path) -> tuple[dict[str, bool], list[Path]]:
     evals = [p for p in (run / "eval.json", run / "eval" / "eval.json") if p.is_file()]
     has = {"select": (run / "scores.tsv").is_file(),
            "expand": (run / "pu_scores.tsv").is_file() or (run / "expanded.tsv").is_file(),
            "training": (run / "metrics.jsonl").is_file(), "eval": bool(evals)}
-    if not any(has.values()):
-        raise DfkdError(f"{run}: nothing to report (no scores.tsv, pu_scores.tsv, expanded.tsv, metrics.jsonl"
-                        " or eval.json); give the --out directory of a select, expand, distill or train run")
-    _figure(1, 1)  # fail early, with the install hint, when matplotlib is missing
+    return has, evals
+
+
+def _manifest(run: Path) -> dict:
     try:
-        manifest = json.loads((run / "manifest.json").read_text(encoding="utf-8"))
+        return json.loads((run / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        manifest = {}
+        return {}
+
+
+def _run_sections(run: Path, heading: bool = False) -> list[str]:
+    """The page's sections for one run directory (with a step heading inside a pipeline page)."""
+    has, evals = _found(run)
+    manifest = _manifest(run)
     names = _class_names(manifest, run)
     parts = _header(run, manifest, has)
+    if heading:
+        parts[0] = f"<h2>step {html.escape(run.name)}</h2>"
     if has["select"]:
         parts += _select_section(run, manifest, names)
     if has["expand"]:
@@ -385,6 +393,56 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         card = next((c for c in (run / "student.yaml", run / "model.yaml") if c.is_file()), "CARD")
         parts.append(_note(f"no eval.json: run `dfkd eval --model {card} --data TEST --out {run / 'eval'}`"
                            " to add per-class accuracy and a confusion matrix"))
+    return parts
+
+
+def _accuracies(steps: list[Path]) -> list[str]:
+    """Teacher against student top-1 on one line: the teacher card's accuracy (dfkd eval
+    --write-card) and the student's eval.json, when the pipeline has both."""
+    import yaml
+
+    rows = []
+    for step in steps:
+        manifest = _manifest(step)
+        teacher = (manifest.get("inputs", {}).get("teacher0") or {}).get("path")
+        if manifest.get("command") != "distill" or not teacher:
+            continue
+        try:
+            accuracy = (yaml.safe_load(Path(teacher).read_text(encoding="utf-8")) or {}).get("accuracy")
+        except (OSError, yaml.YAMLError):
+            accuracy = None
+        evals = [p for s in steps for p in (s / "eval.json",) if p.is_file()]
+        student = json.loads(evals[0].read_text(encoding="utf-8")).get("top1") if evals else None
+        rows.append((Path(teacher).name, accuracy, (step / "student.yaml").name, student))
+    if not rows:
+        return []
+    return ["<h2>teacher against student</h2>", _table(
+        ["teacher", "top-1", "student", "top-1"],
+        [(t, "-" if a is None else f"{a:.4f}", s, "-" if b is None else f"{b:.4f}") for t, a, s, b in rows])]
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Render ``run_dir``'s select / expand / training / eval outputs into one HTML file; for a
+    pipeline's directory (pipelines/dfnd.sh's OUT: select/, distill/, eval/), one page of all steps."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise DfkdError(f"{run}: run directory not found")
+    has, _ = _found(run)
+    own = has["select"] or has["expand"] or has["training"] or (run / "eval.json").is_file()
+    steps = [] if own else sorted((d for d in run.iterdir() if d.is_dir() and any(_found(d)[0].values())),
+                                  key=lambda d: (STEPS.index(d.name) if d.name in STEPS else len(STEPS), d.name))
+    if not steps and not any(has.values()):
+        raise DfkdError(f"{run}: nothing to report (no scores.tsv, pu_scores.tsv, expanded.tsv, metrics.jsonl"
+                        " or eval.json, here or in its sub-folders); give the --out directory of a select, expand,"
+                        " distill or train run, or a pipeline's OUT")
+    _figure(1, 1)  # fail early, with the install hint, when matplotlib is missing
+    if steps:
+        parts = [f"<h1>dfkd pipeline report: {html.escape(str(run.resolve()))}</h1>",
+                 f"<p>steps: {', '.join(html.escape(s.name) for s in steps)}</p>", *_accuracies(steps)]
+        for step in steps:
+            parts += _run_sections(step, heading=True)
+    else:
+        parts = _run_sections(run)
     page = (f'<!doctype html><html><head><meta charset="utf-8"><title>dfkd report: {html.escape(run.name)}'
             f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
     return write_text(Path(out) if out is not None else run / "report.html", page)

@@ -21,7 +21,7 @@ teacher="$RUNS/teacher/model.yaml"
   dfkd eval --model "$teacher" --data "$DATA/test" --write-card --out "$RUNS/teacher/eval" >/dev/null
 
 EPOCHS=${EPOCHS:-20} pipelines/dfnd.sh "$teacher" "$DATA/wild" "$RUNS/dfnd" "$DATA/test" >/dev/null
-[ -f "$RUNS/dfnd/report.html" ] || dfkd report "$RUNS/dfnd/select" --out "$RUNS/dfnd/report.html" >/dev/null
+dfkd report "$RUNS/dfnd" >/dev/null  # one page: select, distill, eval
 
 python - "$RUNS" "$DATA" "$start" <<'PY'
 import json, subprocess, sys, time

@@ -101,3 +101,26 @@ def test_missing_matplotlib_gives_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib.backends.backend_agg", None)
     with pytest.raises(DfkdError, match="pip install matplotlib"):
         write_report(_select_run(tmp_path))
+
+
+def test_pipeline_report_from_real_cli_outputs(tmp_path, pattern_folder, random_teacher):
+    """pipelines/dfnd.sh's OUT (select/, distill/, eval/) as one page, teacher against student on top."""
+    from typer.testing import CliRunner
+
+    from dfkd.cli import app
+
+    run, runner = tmp_path / "dfnd", CliRunner()
+    for args in (["select", "--teacher", str(random_teacher), "--pool", str(pattern_folder), "--out",
+                  str(run / "select"), "--num-images", "9", "--workers", "0"],
+                 ["distill", "--teacher", str(random_teacher), "--student", "resnet8", "--data",
+                  str(run / "select" / "selected.tsv"), "--method", "kd", "--steps", "2", "--batch-size", "4",
+                  "--out", str(run / "distill"), "--workers", "0"],
+                 ["eval", "--model", str(run / "distill" / "student.yaml"), "--data", str(pattern_folder),
+                  "--out", str(run / "eval"), "--workers", "0"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["report", str(run)])
+    assert res.exit_code == 0, res.output
+    page = (run / "report.html").read_text()
+    assert page.index("step select") < page.index("step distill") < page.index("step eval")
+    assert "teacher against student" in page and "student.yaml" in page and "bars_h" in page
