@@ -21,7 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 DEVICE = typer.Option("auto", help="auto, cpu or cuda[:N].")
 WORKERS = typer.Option(None, help="Decoding worker processes (default: by device and cores).")
-AMP = typer.Option(None, "--amp/--no-amp", help="Autocast (bf16) for the model; default: on for CUDA.")
+AMP = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default: on for CUDA; off on CPUs, where bf16"
+                                                  " changes scores in the last bits).")
 INPUT_SIZE = typer.Option(None, "--input-size", help="Input size for a bare TorchScript teacher.")
 INPUT_CHANNELS = typer.Option(None, "--input-channels", help="Input channels for a bare TorchScript teacher.")
 INPUT_MEAN = typer.Option(None, "--input-mean", help="Normalisation mean per channel for a bare TorchScript"
