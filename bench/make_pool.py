@@ -3,7 +3,7 @@
     python bench/make_pool.py OUT_DIR --images N [--size 8] [--per-dir 1000] [--seed 0] [--teacher CARD]
 
 Writes ``OUT_DIR/d00000/i0000000.png`` … (``--per-dir`` files a folder, numbered across the
-pool), each a ``size``×``size`` 8-bit greyscale image of uniform noise drawn from
+pool), each a ``size``×``size`` 8-bit greyscale (or, ``channels=3``, RGB) image of uniform noise drawn from
 ``numpy.random.default_rng(seed)``: the same arguments give the same bytes. The PNGs are
 encoded here (signature, IHDR, one zlib IDAT, IEND) rather than by PIL, which is about 3x
 slower a file; what is left is mostly the file system's cost of creating a file (about
@@ -58,24 +58,25 @@ def image_path(out_dir: Path, i: int, per_dir: int = 1000) -> Path:
     return Path(out_dir) / f"d{i // per_dir:05d}" / f"i{i:07d}.png"
 
 
-def _stamp(n: int, size: int, per_dir: int, seed: int) -> dict:
-    return {"images": int(n), "size": int(size), "seed": int(seed), "per_dir": int(per_dir)}
+def _stamp(n: int, size: int, per_dir: int, seed: int, channels: int = 1) -> dict:
+    stamp = {"images": int(n), "size": int(size), "seed": int(seed), "per_dir": int(per_dir)}
+    return stamp if channels == 1 else {**stamp, "channels": int(channels)}
 
 
-def is_complete(out_dir: Path, n: int, size: int = 8, per_dir: int = 1000, seed: int = 0) -> bool:
+def is_complete(out_dir: Path, n: int, size: int = 8, per_dir: int = 1000, seed: int = 0, channels: int = 1) -> bool:
     try:
-        return json.loads((Path(out_dir) / STAMP).read_text()) == _stamp(n, size, per_dir, seed)
+        return json.loads((Path(out_dir) / STAMP).read_text()) == _stamp(n, size, per_dir, seed, channels)
     except (OSError, ValueError):
         return False
 
 
 def make_pool(out_dir: str | Path, n: int, size: int = 8, per_dir: int = 1000, seed: int = 0,
-              verbose: bool = True) -> Path:
+              verbose: bool = True, channels: int = 1) -> Path:
     """Write the pool (unless already complete with these arguments); return ``out_dir``."""
     out_dir = Path(out_dir)
     if n < 1 or size < 1 or per_dir < 1:
         raise ValueError("images, size and per-dir must be at least 1")
-    if is_complete(out_dir, n, size, per_dir, seed):
+    if is_complete(out_dir, n, size, per_dir, seed, channels):
         if verbose:
             print(f"{out_dir}: pool of {n} images already complete", file=sys.stderr)
         return out_dir
@@ -91,13 +92,14 @@ def make_pool(out_dir: str | Path, n: int, size: int = 8, per_dir: int = 1000, s
 
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
-    ihdr = _SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 0, 0, 0, 0))
+    colour = 0 if channels == 1 else 2  # PNG colour type: greyscale or RGB
+    ihdr = _SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, colour, 0, 0, 0))
     iend = _chunk(b"IEND", b"")
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-    raw = np.zeros((per_dir, size, size + 1), np.uint8)  # column 0: the scanline filter byte
+    raw = np.zeros((per_dir, size, size * channels + 1), np.uint8)  # column 0: the scanline filter byte
     for first in range(0, n, per_dir):
         count = min(per_dir, n - first)
-        raw[:count, :, 1:] = rng.integers(0, 256, (count, size, size), dtype=np.uint8)
+        raw[:count, :, 1:] = rng.integers(0, 256, (count, size, size * channels), dtype=np.uint8)
         folder = out_dir / f"d{first // per_dir:05d}"
         folder.mkdir(exist_ok=True)
         base = os.fspath(folder)
@@ -111,7 +113,7 @@ def make_pool(out_dir: str | Path, n: int, size: int = 8, per_dir: int = 1000, s
             finally:
                 os.close(fd)
     tmp = out_dir / (STAMP + ".tmp")
-    tmp.write_text(json.dumps(_stamp(n, size, per_dir, seed)) + "\n")
+    tmp.write_text(json.dumps(_stamp(n, size, per_dir, seed, channels)) + "\n")
     os.replace(tmp, out_dir / STAMP)
     if verbose:
         took = time.perf_counter() - start
@@ -120,8 +122,8 @@ def make_pool(out_dir: str | Path, n: int, size: int = 8, per_dir: int = 1000, s
     return out_dir
 
 
-def make_teacher(card_path: str | Path, size: int = 8) -> Path:
-    """An untrained resnet8 teacher card (seed 0) for 1-channel ``size``×``size`` input, 10 classes."""
+def make_teacher(card_path: str | Path, size: int = 8, channels: int = 1) -> Path:
+    """An untrained resnet8 teacher card (seed 0) for ``channels``×``size``×``size`` input, 10 classes."""
     import torch
 
     from dfkd.cards import save_card
@@ -131,8 +133,8 @@ def make_teacher(card_path: str | Path, size: int = 8) -> Path:
     card_path = Path(card_path)
     card_path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    model = ARCHS.get("resnet8")(num_classes=10, in_channels=1)
-    spec = InputSpec(size=(size, size), channels=1, mean=[0.5], std=[0.5])
+    model = ARCHS.get("resnet8")(num_classes=10, in_channels=channels)
+    spec = InputSpec(size=(size, size), channels=channels, mean=[0.5] * channels, std=[0.5] * channels)
     return save_card(card_path, "resnet8", 10, spec, model.state_dict(), kind="teacher",
                      notes="untrained (torch.manual_seed(0)), for benchmarks only")
 

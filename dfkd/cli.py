@@ -35,6 +35,8 @@ BATCH_SIZE = typer.Option(None, help="Global batch size (overrides the config); 
                                       " trains on 1/N of every batch.")
 TENSORBOARD = typer.Option(False, "--tensorboard", help="Also log the training metrics for TensorBoard in"
                                                           " OUT/tensorboard (metrics.jsonl stays).")
+CACHE_DIR = typer.Option(None, "--cache-dir", help="Where a training set too large for memory is decoded to"
+                                                   " (default $DFKD_CACHE_DIR or ~/.cache/dfkd); reused by later runs.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Start afresh in an --out that holds a run with other inputs.")
 CONFIG = typer.Option(None, help="YAML file of settings (e.g. pipelines/configs/*.yaml).")
 SET = typer.Option([], "--set", help="Override a setting: key=value (repeatable; objective.<opt>=value).")
@@ -206,6 +208,7 @@ def train(
     seed: Optional[int] = SEED,
     overwrite: bool = OVERWRITE,
     tensorboard: bool = TENSORBOARD,
+    cache_dir: Optional[Path] = CACHE_DIR,
 ) -> None:
     """Train a classifier with cross-entropy (a teacher for the demo, or a baseline)."""
     from .config import resolve_config
@@ -218,7 +221,7 @@ def train(
     err.print(table("config", ["key", "value"], cfg.items()))
     with _training_progress() as on_event:
         result = train_classifier(arch, data, out, loop, size=size, channels=channels, val_split=val_split,
-                                  workers=workers, device=device, overwrite=overwrite, tensorboard=tensorboard,
+                                  workers=workers, device=device, overwrite=overwrite, tensorboard=tensorboard, cache_dir=cache_dir,
                                   on_event=on_event)
     if result is None:  # a rank other than 0
         return
@@ -284,6 +287,7 @@ def distill(
     input_std: Optional[str] = INPUT_STD,
     overwrite: bool = OVERWRITE,
     tensorboard: bool = TENSORBOARD,
+    cache_dir: Optional[Path] = CACHE_DIR,
 ) -> None:
     """Distill the teacher into a student on selected/expanded images (kd, noisy, robust)."""
     from .config import resolve_config
@@ -296,7 +300,7 @@ def distill(
     err.print(table("config", ["key", "value"], [(k, v) for k, v in cfg.items()]))
     with _training_progress() as on_event:
         result = run_distill(cards, student, data, out, cfg, eval_data=eval_data, workers=workers,
-                             device=device, overwrite=overwrite, tensorboard=tensorboard, on_event=on_event)
+                             device=device, overwrite=overwrite, tensorboard=tensorboard, cache_dir=cache_dir, on_event=on_event)
     if result is None:  # a rank other than 0
         return
     rows = [("objective", result.description), ("images", result.images), ("skipped images", result.skipped),
@@ -335,6 +339,7 @@ def pu_train(
     seed: Optional[int] = SEED,
     overwrite: bool = OVERWRITE,
     tensorboard: bool = TENSORBOARD,
+    cache_dir: Optional[Path] = CACHE_DIR,
 ) -> None:
     """Train the PU classifier (nnPU risk, multi-scale SE features) of PU Compression."""
     from .config import resolve_config
@@ -348,7 +353,7 @@ def pu_train(
         r = run_pu(card, positive, unlabeled, out, prior, LoopConfig(**cfg), backbone=backbone,
                    taps=taps.split(",") if taps else None, reduction=reduction, beta=beta, gamma=gamma,
                    positive_share=positive_share, workers=workers, device=device, overwrite=overwrite,
-                   tensorboard=tensorboard, on_event=on_event)
+                   tensorboard=tensorboard, cache_dir=cache_dir, on_event=on_event)
     if r is None:  # a rank other than 0
         return
     err.print(table("pu-train", ["", "value"], [

@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from . import gpu_decode, shards
 from .errors import DfkdError
 from .images import BadImage, InputSpec, image_tensor, normalize
 from .io import write_json
@@ -37,8 +38,10 @@ RowFn = Callable[[torch.Tensor, torch.Tensor, list[str], list[str]], list[tuple]
 class _Blocks(torch.utils.data.IterableDataset):
     """This rank's blocks of rows, decoded: items ``(block, images, labels, paths, errors)``."""
 
-    def __init__(self, rows: Callable[[], Iterator[dict]], batch_size: int, spec: InputSpec, rank: int, world: int):
+    def __init__(self, rows: Callable[[], Iterator[dict]], batch_size: int, spec: InputSpec, rank: int, world: int,
+                 gpu_jpeg: bool = False):
         self.rows, self.batch_size, self.spec, self.rank, self.world = rows, batch_size, spec, rank, world
+        self.gpu_jpeg = gpu_jpeg  # JPEGs travel as bytes, for dfkd/gpu_decode.py
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -53,14 +56,45 @@ class _Blocks(torch.utils.data.IterableDataset):
 
     def _decode(self, chunk: list[dict]):
         images = torch.zeros(len(chunk), self.spec.channels, *self.spec.size, dtype=torch.uint8)
-        errors = [""] * len(chunk)
+        errors, raw = [""] * len(chunk), []
         for i, row in enumerate(chunk):
+            jpeg = _raw_jpeg(row["path"]) if self.gpu_jpeg else None
+            if jpeg is not None:
+                raw.append((i, jpeg))
+                continue
             try:
                 images[i] = image_tensor(row["path"], self.spec)
             except BadImage as e:
                 errors[i] = str(e)
         labels = torch.tensor([int(r.get("label") or -1) for r in chunk], dtype=torch.long)
-        return images, labels, [r["path"] for r in chunk], errors
+        return images, labels, [r["path"] for r in chunk], errors, raw
+
+
+def _raw_jpeg(path: str) -> torch.Tensor | None:
+    try:
+        src = shards.source(path)
+        if isinstance(src, str):
+            with open(src, "rb") as f:
+                return gpu_decode.raw_jpeg(f.read())
+        return gpu_decode.raw_jpeg(src.getvalue())
+    except Exception:  # noqa: BLE001 - the CPU path decodes it again and records why it fails
+        return None
+
+
+def _on_device(images: torch.Tensor, raw: list, paths: list[str], errors: list[str], spec: InputSpec,
+               device: torch.device) -> torch.Tensor:
+    """The block's images on the device, its JPEGs decoded there (a file the GPU rejects: the CPU)."""
+    images = images.to(device, non_blocking=True)
+    if raw:
+        for (i, _), img in zip(raw, gpu_decode.decode([r for _, r in raw], spec, device)):
+            if img is None:
+                try:
+                    img = image_tensor(paths[i], spec)
+                except BadImage as e:
+                    errors[i] = str(e)
+                    continue
+            images[i] = img.to(device)
+    return images
 
 
 def stream(model: nn.Module, spec: InputSpec, rows: Callable[[], Iterator[dict]], count: int, row_fn: RowFn,
@@ -74,20 +108,22 @@ def stream(model: nn.Module, spec: InputSpec, rows: Callable[[], Iterator[dict]]
     if not isinstance(model, torch.jit.ScriptModule):
         model = model.to(memory_format=torch.channels_last)
     blocks = math.ceil(count / batch_size)
-    data = loader(_Blocks(rows, batch_size, spec, ranks.rank, ranks.world), None, rt.workers, rt.device)
+    data = loader(_Blocks(rows, batch_size, spec, ranks.rank, ranks.world, gpu_decode.enabled(rt.device)),
+                  None, rt.workers, rt.device)
     batches = iter(data)
     for step in range(math.ceil(blocks / ranks.world)):
         b = step * ranks.world + ranks.rank
         payload = None
         if b < blocks:
-            got, images, labels, paths, errors = next(batches)
+            got, images, labels, paths, errors, raw = next(batches)
             assert got == b, f"block {got} arrived for {b}"
+            errors = list(errors)
             try:
                 with torch.inference_mode():
-                    x = normalize(images, spec, rt.device, True)
+                    x = normalize(_on_device(images, raw, paths, errors, spec, rt.device), spec, rt.device, True)
                     with autocast(rt.device, rt.amp):
                         out = forward(model, x) if forward else model(x)
-                    payload = (row_fn(out.float().cpu(), labels, paths, list(errors)), None)
+                    payload = (row_fn(out.float().cpu(), labels, paths, errors), None)
             except DfkdError as e:
                 payload = (None, str(e))
         gathered = ranks.all_gather(payload)

@@ -7,6 +7,7 @@ skip, never a crash.
 from __future__ import annotations
 
 import os
+import tarfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from . import shards
 from .errors import DfkdError
 from .index import Index, read_index
 from .pool import pool_rows, walk_files
@@ -82,11 +84,12 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 def load_image(path: str, channels: int) -> Image.Image:
     """Decode ``path`` as an ``L`` (channels=1) or ``RGB`` image; raise BadImage(reason)."""
     try:
-        if os.path.getsize(path) == 0:
+        source = shards.source(path)
+        if (os.path.getsize(path) if isinstance(source, str) else source.getbuffer().nbytes) == 0:
             raise BadImage("empty file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 w, h = img.size
                 if w * h > MAX_PIXELS:
                     raise BadImage(f"decompression bomb ({w}x{h} pixels > {MAX_PIXELS})")
@@ -96,6 +99,8 @@ def load_image(path: str, channels: int) -> Image.Image:
         raise
     except FileNotFoundError:
         raise BadImage("file not found") from None
+    except tarfile.TarError as e:
+        raise BadImage(f"tar shard not readable ({e})") from None
     except UnidentifiedImageError:
         raise BadImage("not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from . import shards
 from .errors import DfkdError
 from .index import open_index, write_index
 
@@ -29,9 +30,12 @@ def walk_files(root: str | Path, problems: list[dict] | None = None) -> Iterator
     """Every non-hidden file below ``root``: a folder's files (sorted), then its sub-folders.
 
     Symlinks are followed; a real directory is entered once (a loop or a second link to it is
-    recorded, not followed). Problems go to ``problems`` as ``{"path", "reason"}`` rows.
+    recorded, not followed), and a file once: a symlink to a file of the pool, or a second hard
+    link, is recorded instead. A ``.tar`` file gives its image members (dfkd/shards.py).
+    Problems go to ``problems`` as ``{"path", "reason"}`` rows.
     """
     seen: set[tuple[int, int]] = set()  # real directories: O(folders), not O(files)
+    seen_files: set[tuple[int, int]] = set()  # only files with several names (hard links, links from outside)
 
     def note(path: str, reason: str) -> None:
         if problems is not None:
@@ -63,11 +67,34 @@ def walk_files(root: str | Path, problems: list[dict] | None = None) -> Iterator
                 subfolders.append(e.path)
             elif _printable(e.path) != e.path:
                 note(e.path, "file name holds a tab, newline or bytes that are not UTF-8: rename it")
-            else:
+            elif e.name.endswith(".tar"):
+                yield from shards.members(e.path, note)
+            elif _new_file(e.path):
                 yield e.path
+            else:
+                note(e.path, "the same file as one listed before (a symlink or hard link): counted once")
         for sub in subfolders:
             yield from visit(sub)
 
+    def _new_file(path: str) -> bool:
+        """False for a second name of a file already listed (or listed under its own name)."""
+        if os.path.islink(path):
+            rel = os.path.relpath(os.path.realpath(path), real_root)
+            inside = rel != ".." and not rel.startswith(".." + os.sep)
+            if inside and not any(part.startswith(".") for part in rel.split(os.sep)) and os.path.isfile(path):
+                return False  # its target is in the pool: listed under its own name
+        try:
+            st = os.stat(path)
+        except OSError:
+            return True  # gone or unreadable: decoding records why
+        if st.st_nlink < 2 and not os.path.islink(path):
+            return True  # the only name of its file: no need to remember it
+        if (st.st_dev, st.st_ino) in seen_files:
+            return False
+        seen_files.add((st.st_dev, st.st_ino))
+        return True
+
+    real_root = os.path.realpath(root)
     yield from visit(os.path.abspath(root))
 
 
@@ -94,6 +121,10 @@ class Listing:
 
 def pool_rows(source: str | Path, flag: str, problems: list[dict]) -> tuple[list[str], Iterator[dict]]:
     """The columns and streamed rows of a pool folder or index file."""
+    tars = shards.shard_list(source, flag)
+    if tars is not None:
+        note = lambda path, reason: problems.append({"path": path, "reason": reason})  # noqa: E731
+        return ["path"], ({"path": p} for tar in tars for p in shards.members(tar, note))
     source = Path(source)
     if source.is_dir():
         return ["path"], ({"path": p} for p in walk_files(source, problems))
@@ -111,18 +142,16 @@ def list_pool(source: str | Path, dest: str | Path, flag: str = "--pool") -> Lis
     source, problems = Path(source), []
     columns, rows = pool_rows(source, flag, problems)
     h, count = hashlib.sha256(), 0
-    is_dir = source.is_dir()
+    stat_rows = source.is_dir() or shards.shard_list(source, flag) is not None
 
     def counted() -> Iterator[dict]:
         nonlocal count
         for row in rows:
             h.update("\t".join(row.get(c, "") for c in columns).encode("utf-8", "surrogateescape"))
-            if is_dir:
-                try:
-                    st = os.stat(row["path"])
-                    h.update(f"\0{st.st_size}\0{st.st_mtime_ns}".encode())
-                except OSError:
-                    pass  # gone since the walk: decoding records it
+            if stat_rows:
+                known = shards.identity(row["path"])  # None: gone since the walk, decoding records it
+                if known is not None:
+                    h.update(f"\0{known[0]}\0{known[1]}".encode())
             h.update(b"\n")
             count += 1
             yield row
@@ -139,14 +168,14 @@ def data_digest(path: str | Path) -> str:
     """Identity of training data: an index file's bytes, or a folder's files (path, size, mtime)."""
     from .io import file_sha256
 
+    tars = shards.shard_list(path, "--data")
     path = Path(path)
-    if path.is_file():
+    if path.is_file() and tars is None:
         return file_sha256(path)
     h = hashlib.sha256()
-    for f in walk_files(path):
-        try:
-            st = os.stat(f)
-        except OSError:
-            continue
-        h.update(f"{os.path.relpath(f, path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    for f in tars or walk_files(path):
+        known = shards.identity(f)
+        if known is not None:
+            name = os.path.relpath(f, path)
+            h.update(f"{name}\0{known[0]}\0{known[1]}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()

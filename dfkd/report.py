@@ -10,10 +10,12 @@ import base64
 import html
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
 
+from . import shards
 from .errors import DfkdError
 from .index import Index, read_index
 from .io import write_text
@@ -70,9 +72,9 @@ def _thumb(path: str, tip: str) -> str:
     from PIL import Image, ImageDraw, ImageOps
 
     try:
-        with Image.open(path) as im:
+        with Image.open(shards.source(path)) as im:
             im = ImageOps.pad(im.convert("RGB"), (THUMB, THUMB), color=(255, 255, 255))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, tarfile.TarError, Image.DecompressionBombError) as e:
         im = Image.new("RGB", (THUMB, THUMB), (225, 225, 225))
         ImageDraw.Draw(im).line([(0, 0), (THUMB, THUMB), (0, THUMB), (THUMB, 0)], fill=(200, 0, 0), width=2)
         tip += f" (unreadable: {type(e).__name__})"

@@ -25,7 +25,7 @@ from ..rundir import open_run, write_manifest
 from ..runtime import setup
 from ..teacher import card_digest, check_compatible, ensemble_accuracy, load_teacher
 from ..train.data import ImageSet, decode_images
-from ..train.loop import LoopConfig, accuracy, outputs, run_loop
+from ..train.loop import LoopConfig, accuracy, batch_outputs, run_loop
 from .objectives import build_objective, make_extra_optimizers
 from .terms import TERM_DEFAULTS, WithTerms
 
@@ -73,27 +73,25 @@ def read_data(paths: Sequence[str | Path]) -> Index:
     return Index(columns, rows, problems=problems)
 
 
-def soft_class_counts(teacher_logits: torch.Tensor) -> list[float]:
-    """y_k = sum over the training images of the teacher's softmax probability of class k."""
-    return torch.softmax(teacher_logits, 1).double().sum(0).tolist()
-
-
 def _finite_teacher(teacher: torch.nn.Module, data: ImageSet, card: ModelCard, device: torch.device,
                     cfg: LoopConfig) -> tuple[ImageSet, torch.Tensor]:
     """One unaugmented teacher pass: images on which the teacher outputs NaN/inf are left out and
-    recorded (as select does), never trained on; returns the rest and the teacher's logits on them."""
-    logits = outputs(teacher, data, card.input, device, cfg)
-    ok = torch.isfinite(logits).all(1)
+    recorded (as select does), never trained on. Returns the rest and the teacher's soft class
+    counts on them (robust KD's y_k), summed batch by batch: the logits are not kept."""
+    finite, counts = [], torch.zeros(card.num_classes, dtype=torch.float64)
+    for logits in batch_outputs(teacher, data, card.input, device, cfg):
+        ok = torch.isfinite(logits).all(1)
+        finite.append(ok)
+        counts += torch.softmax(logits[ok], 1).double().sum(0)
+    ok = torch.cat(finite)
     if bool(ok.all()):
-        return data, logits
+        return data, counts
     bad = [{"path": data.paths[i], "reason": "teacher output is not finite (NaN/inf)"}
            for i in (~ok).nonzero().squeeze(1).tolist()]
     keep = ok.nonzero().squeeze(1)
     if len(keep) == 0:
         raise DfkdError(f"--teacher {card.path}: outputs NaN/inf on every one of the {len(data)} training images")
-    kept = ImageSet(data.images[keep], data.labels[keep], [data.paths[i] for i in keep.tolist()],
-                    data.skipped + bad)
-    return kept, logits[keep]
+    return data.subset(keep, data.skipped + bad), counts
 
 
 def _student(student: str, teacher: ModelCard, device: torch.device) -> tuple[torch.nn.Module, str, dict]:
@@ -113,7 +111,7 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Seque
             config: dict | DistillConfig, *,
             eval_data: str | Path | None = None, workers: int | None = None, device: str = "auto",
             stop_after: int | None = None, overwrite: bool = False, tensorboard: bool = False,
-            on_event: Callable[[dict], None] | None = None) -> DistillResult | None:
+            cache_dir: str | Path | None = None, on_event: Callable[[dict], None] | None = None) -> DistillResult | None:
     """Distill the teacher (or an ensemble of teachers) into ``student`` on the images of ``data``,
     with ``config`` a :class:`DistillConfig` or the equivalent dict (as the CLI resolves it).
 
@@ -151,14 +149,15 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Seque
         val = None
         if eval_data is not None:
             v_index, _ = open_labeled(eval_data, card.classes, flag="--eval-data")
-            val = decode_images(v_index.paths, card.input, v_index.labels(), workers=rt.workers, what="--eval-data")
+            val = decode_images(v_index.paths, card.input, v_index.labels(), workers=rt.workers, what="--eval-data",
+                                cache_dir=cache_dir, ranks=rt.ranks)
         train = decode_images(index.paths, card.input, index.labels(), workers=rt.workers, what="--data",
-                              on_progress=(lambda d, t: on_event({"event": "decode", "done": d, "total": t}))
+                              cache_dir=cache_dir, ranks=rt.ranks, on_progress=(lambda d, t: on_event({"event": "decode", "done": d, "total": t}))
                               if on_event else None)
         train.skipped = index.problems + train.skipped
-        train, t_out = _finite_teacher(teacher.model, train, card, rt.device, loop)
+        train, counts = _finite_teacher(teacher.model, train, card, rt.device, loop)
         if method == "robust":
-            info["class_counts"] = soft_class_counts(t_out)
+            info["class_counts"] = counts.tolist()
             if rt.ranks.main:
                 write_json(out / "class_counts.json", {"class_counts": info["class_counts"], "images": len(train)})
         objective = WithTerms(build_objective(method, card.num_classes, obj_cfg, info), card.num_classes,

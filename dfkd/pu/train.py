@@ -27,7 +27,7 @@ from ..pool import data_digest
 from ..rundir import open_run, write_manifest
 from ..runtime import setup
 from ..teacher import card_digest
-from ..train.data import ImageSet, decode_images
+from ..train.data import decode_images
 from ..train.loop import LoopConfig, outputs, run_loop
 from .extractor import MultiScaleSE, default_taps, load_backbone_weights
 from .nnpu import nnpu_risk
@@ -78,7 +78,7 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
              reduction: int = 16, beta: float = 0.0, gamma: float = 1.0, positive_share: float = 0.25,
              holdout: float = 0.2, workers: int | None = None, device: str = "auto",
              stop_after: int | None = None, overwrite: bool = False, tensorboard: bool = False,
-             on_event: Callable[[dict], None] | None = None) -> PuResult | None:
+             cache_dir: str | Path | None = None, on_event: Callable[[dict], None] | None = None) -> PuResult | None:
     """Train the PU classifier; write ``out/pu.yaml`` and its weights."""
     out = Path(out)
     if reduction < 1:
@@ -106,11 +106,17 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
     with open_run(out, "pu-train", rt.ranks) as run:
         run.claim({"teacher": card_digest(teacher), "positive": data_digest(positive),
                    "unlabeled": data_digest(unlabeled), "options": options}, overwrite)
-        pos = decode_images(pos_index.paths, spec, [1] * len(pos_index), workers=rt.workers, what="--positive")
-        unl = decode_images(unl_index.paths, spec, [0] * len(unl_index), workers=rt.workers, what="--unlabeled",
-                            on_progress=(lambda d, t: on_event({"event": "decode", "done": d, "total": t}))
-                            if on_event else None)
-        skipped = pos_index.problems + pos.skipped + unl_index.problems + unl.skipped
+        # one decoded set (in memory or the on-disk cache): the positives first, then the pool
+        both = decode_images(pos_index.paths + unl_index.paths, spec, [1] * len(pos_index) + [0] * len(unl_index),
+                             workers=rt.workers, what="--positive and --unlabeled", cache_dir=cache_dir,
+                             ranks=rt.ranks, on_progress=(lambda d, t: on_event({"event": "decode", "done": d,
+                                                                                 "total": t})) if on_event else None)
+        is_pos = both.labels == 1
+        for flag, index, rows in (("--positive", pos_index, is_pos), ("--unlabeled", unl_index, ~is_pos)):
+            if not bool(rows.any()):
+                raise DfkdError(f"{flag} {index.source}: none of the {len(index)} images could be decoded")
+        pos, unl = both.subset(is_pos.nonzero().squeeze(1), []), both.subset((~is_pos).nonzero().squeeze(1), [])
+        skipped = pos_index.problems + unl_index.problems + both.skipped
         if rt.ranks.main:
             write_index(out / "skipped.tsv", skipped, ["path", "reason"])
             write_text(out / "config.yaml", yaml.safe_dump(options, sort_keys=False))  # the resolved config
@@ -119,14 +125,12 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
         hold, fit = perm[:n_hold].sort().values, perm[n_hold:].sort().values
         repeat = max(1, math.ceil(positive_share / (1 - positive_share) * len(unl) / max(1, len(fit))))
         fit_rep = fit.repeat(repeat)
-        train = ImageSet(torch.cat([pos.images[fit_rep], unl.images]),
-                         torch.cat([pos.labels[fit_rep], unl.labels]),
-                         [pos.paths[i] for i in fit_rep.tolist()] + unl.paths)
+        train = both.subset(torch.cat([is_pos.nonzero().squeeze(1)[fit_rep], (~is_pos).nonzero().squeeze(1)]))
         result = run_loop(model, objective, train, spec, cfg, out, rt, stop_after=stop_after,
                           tensorboard=tensorboard, on_event=on_event)
         if not rt.ranks.main:
             return None
-        held = ImageSet(pos.images[hold], pos.labels[hold], [pos.paths[i] for i in hold.tolist()])
+        held = pos.subset(hold)
         recall = float((outputs(model, held, spec, rt.device, cfg) > 0).float().mean()) if n_hold else None
         share = float((outputs(model, unl, spec, rt.device, cfg) > 0).float().mean())
         weights = out / "pu.pt"

@@ -1,6 +1,7 @@
 """``train``: a classifier trained with cross-entropy on labeled images (teachers, baselines)."""
 from __future__ import annotations
 
+import tarfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -10,6 +11,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
+from .. import shards
 from ..cards import build_arch, save_card
 from ..errors import DfkdError
 from ..images import InputSpec, open_labeled
@@ -18,7 +20,7 @@ from ..io import write_text
 from ..pool import data_digest
 from ..rundir import open_run, write_manifest
 from ..runtime import setup
-from .data import ImageSet, decode_images, split
+from .data import channel_stats, decode_images, split
 from .loop import LoopConfig, accuracy, run_loop
 
 
@@ -48,9 +50,9 @@ def infer_spec(paths: list[str], size: int | None, channels: int | None) -> Inpu
     if size is None or channels is None:
         for p in paths[:50]:
             try:
-                with Image.open(p) as img:  # reads the header only
+                with Image.open(shards.source(p)) as img:  # reads the header only
                     w, h, mode = *img.size, img.mode
-            except (OSError, ValueError):
+            except (OSError, ValueError, tarfile.TarError):
                 continue
             size = size or max(w, h)
             channels = channels or (1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3)
@@ -60,16 +62,10 @@ def infer_spec(paths: list[str], size: int | None, channels: int | None) -> Inpu
     return InputSpec(size=(size, size), channels=channels, mean=[0.0] * channels, std=[1.0] * channels)
 
 
-def data_stats(data: ImageSet) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of the decoded training images (in [0, 1] units)."""
-    x = data.images.float().div_(255.0)
-    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
-
-
 def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConfig, *, size: int | None = None,
                      channels: int | None = None, val_split: float = 0.1, arch_args: dict | None = None,
                      workers: int | None = None, device: str = "auto", stop_after: int | None = None,
-                     overwrite: bool = False, tensorboard: bool = False,
+                     overwrite: bool = False, tensorboard: bool = False, cache_dir: str | Path | None = None,
                      on_event: Callable[[dict], None] | None = None) -> TrainResult | None:
     """Train ``arch`` from scratch on an ImageFolder/index; write ``out/model.yaml``.
 
@@ -92,11 +88,11 @@ def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConf
     with open_run(out, "train", rt.ranks) as run:
         run.claim({"arch": arch, "arch_args": arch_args, "data": data_digest(data), "size": size,
                    "channels": channels, "val_split": val_split, "config": asdict(cfg)}, overwrite)
-        full = decode_images(index.paths, spec, labels, workers=rt.workers, what="--data",
-                             on_progress=(lambda d, t: on_event({"event": "decode", "done": d, "total": t}))
+        full = decode_images(index.paths, spec, labels, workers=rt.workers, what="--data", cache_dir=cache_dir,
+                             ranks=rt.ranks, on_progress=(lambda d, t: on_event({"event": "decode", "done": d, "total": t}))
                              if on_event else None)
         full.skipped = index.problems + full.skipped
-        spec.mean, spec.std = data_stats(full)
+        spec.mean, spec.std = channel_stats(full)
         train, val = split(full, val_split, cfg.seed) if val_split > 0 else (full, None)
         torch.manual_seed(cfg.seed)
         model = build_arch(arch, num_classes, spec.channels, arch_args)

@@ -1,23 +1,42 @@
-"""Training data decoded once into memory (uint8), with bad files recorded, not fatal."""
+"""Training data, decoded once: in memory when small, else in the on-disk cache (train/cache.py).
+
+Either way an :class:`ImageSet` gives uint8 N×C×H×W batches by position (``read``), and bad
+files are left out and recorded, never fatal. Which store a set lives in is chosen by its
+decoded size (``DFKD_IN_MEMORY_BYTES``, default 2 GiB), not by a flag.
+"""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ..dist import SINGLE, Ranks
 from ..errors import DfkdError
 from ..images import ImageDataset, InputSpec
 from ..runtime import loader
+from .cache import DiskImages, cached_images
 
-CACHE_LIMIT_BYTES = 8 << 30
+IN_MEMORY_BYTES = 2 << 30
+
+
+def in_memory_bytes() -> int:
+    """The decoded size up to which a set stays in memory (``DFKD_IN_MEMORY_BYTES``)."""
+    value = os.environ.get("DFKD_IN_MEMORY_BYTES", "")
+    try:
+        return int(value) if value else IN_MEMORY_BYTES
+    except ValueError:
+        raise DfkdError(f"DFKD_IN_MEMORY_BYTES={value!r}: expected a number of bytes") from None
 
 
 @dataclass
 class ImageSet:
-    """Decoded images (uint8 N×C×H×W), labels (-1 = unknown) and the paths they came from."""
+    """Decoded images (a uint8 N×C×H×W tensor, or :class:`DiskImages`), labels (-1 = unknown)
+    and the paths they came from."""
 
-    images: torch.Tensor
+    images: torch.Tensor | DiskImages
     labels: torch.Tensor
     paths: list[str]
     skipped: list[dict] = field(default_factory=list)
@@ -25,37 +44,75 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def on_disk(self) -> bool:
+        return isinstance(self.images, DiskImages)
+
+    def read(self, idx: torch.Tensor) -> torch.Tensor:
+        """The uint8 images at positions ``idx`` (a CPU tensor unless the set lives on a GPU)."""
+        return self.images.read(idx) if self.on_disk else self.images[idx.to(self.images.device)]
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Every image in order, ``batch_size`` at a time."""
+        for i in range(0, len(self), batch_size):
+            yield self.read(torch.arange(i, min(i + batch_size, len(self))))
+
+    def subset(self, idx: torch.Tensor, skipped: list[dict] | None = None) -> "ImageSet":
+        """The images at positions ``idx`` (repeats allowed); on disk, nothing is copied."""
+        images = self.images.subset(idx) if self.on_disk else self.images[idx]
+        return ImageSet(images, self.labels[idx], [self.paths[i] for i in idx.tolist()],
+                        self.skipped if skipped is None else skipped)
+
 
 def decode_images(paths: Sequence[str], spec: InputSpec, labels: Sequence[int] | None = None, *,
-                  workers: int = 0, what: str = "--data",
-                  on_progress: Callable[[int, int], None] | None = None) -> ImageSet:
-    """Decode every file once; bad files are left out and listed in ``skipped``."""
+                  workers: int = 0, what: str = "--data", cache_dir: str | Path | None = None,
+                  ranks: Ranks = SINGLE, on_progress: Callable[[int, int], None] | None = None) -> ImageSet:
+    """Decode every file once; bad files are left out and listed in ``skipped``.
+
+    A set larger than :func:`in_memory_bytes` goes to the on-disk cache under ``cache_dir``
+    (built in parallel by the ranks, reused by later runs)."""
+    labels = list(labels) if labels is not None else [-1] * len(paths)
     size = len(paths) * spec.channels * spec.size[0] * spec.size[1]
-    if size > CACHE_LIMIT_BYTES:
-        raise DfkdError(f"{what}: {len(paths)} images at {spec.size[0]}x{spec.size[1]} need"
-                        f" {size / 2**30:.1f} GiB decoded, over the {CACHE_LIMIT_BYTES >> 30} GiB in-memory"
-                        " limit; use a smaller index (e.g. head -n N)")
-    dataset = ImageDataset(paths, spec, labels)
-    images = torch.empty(len(paths), spec.channels, *spec.size, dtype=torch.uint8)
-    targets = torch.empty(len(paths), dtype=torch.long)
-    ok = torch.zeros(len(paths), dtype=torch.bool)
-    skipped, done = [], 0
-    for x, y, pos, errors in loader(dataset, 256, workers, torch.device("cpu")):
-        images[pos], targets[pos] = x, y
-        for p, err in zip(pos.tolist(), errors):
-            if err:
-                skipped.append({"path": paths[p], "reason": err})
-            else:
-                ok[p] = True
-        done += len(pos)
-        if on_progress:
-            on_progress(done, len(paths))
+    if size > in_memory_bytes():
+        images, failed = cached_images(paths, spec, cache_dir, workers=workers, ranks=ranks,
+                                       on_progress=on_progress)
+    else:
+        images, failed = _decode_in_memory(paths, spec, workers, on_progress)
+    ok = torch.ones(len(paths), dtype=torch.bool)
+    ok[[row for row, _ in failed]] = False
+    skipped = [{"path": paths[row], "reason": reason} for row, reason in failed]
     keep = ok.nonzero().squeeze(1)
     if len(keep) == 0:
         raise DfkdError(f"{what}: none of the {len(paths)} images could be decoded"
                         f" (first: {skipped[0]['path']}: {skipped[0]['reason']})")
-    kept_paths = [paths[i] for i in keep.tolist()]
-    return ImageSet(images[keep], targets[keep], kept_paths, skipped)
+    full = ImageSet(images, torch.tensor(labels, dtype=torch.long), list(paths))
+    return full if len(keep) == len(paths) else full.subset(keep, skipped)
+
+
+def _decode_in_memory(paths: Sequence[str], spec: InputSpec, workers: int,
+                      on_progress: Callable[[int, int], None] | None) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+    images = torch.empty(len(paths), spec.channels, *spec.size, dtype=torch.uint8)
+    failed, done = [], 0
+    for x, _, pos, errors in loader(ImageDataset(paths, spec), 256, workers, torch.device("cpu")):
+        images[pos] = x
+        failed += [(p, err) for p, err in zip(pos.tolist(), errors) if err]
+        done += len(pos)
+        if on_progress:
+            on_progress(done, len(paths))
+    return images, failed
+
+
+def channel_stats(data: ImageSet, batch_size: int = 1024) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the decoded images (in [0, 1] units), one batch at a time."""
+    total = sq = None
+    for x in data.batches(batch_size):
+        x = x.double().div_(255.0)
+        s, s2 = x.sum(dim=(0, 2, 3)), x.square().sum(dim=(0, 2, 3))
+        total, sq = (s, s2) if total is None else (total + s, sq + s2)
+    n = len(data) * data.images.shape[2] * data.images.shape[3]
+    mean = total / n
+    var = (sq - n * mean.square()) / max(1, n - 1)
+    return mean.tolist(), var.clamp_min(0).sqrt().clamp_min(1e-3).tolist()
 
 
 def split(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
@@ -64,9 +121,6 @@ def split(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSe
     if n_val < 1 or n_val >= len(data):
         raise DfkdError(f"--val-split {fraction}: leaves no images on one side ({len(data)} images)")
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    parts = []
-    for idx in (perm[n_val:], perm[:n_val]):
-        idx = idx.sort().values
-        parts.append(ImageSet(data.images[idx], data.labels[idx], [data.paths[i] for i in idx.tolist()]))
-    parts[0].skipped = data.skipped
-    return parts[0], parts[1]
+    train, val = (data.subset(idx.sort().values) for idx in (perm[n_val:], perm[:n_val]))
+    val.skipped = []
+    return train, val

@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -103,15 +104,19 @@ class LoopResult:
 
 def outputs(model: nn.Module, data: ImageSet, spec: InputSpec, device: torch.device, cfg: LoopConfig,
             batch_size: int = 512) -> torch.Tensor:
-    """The model's outputs (float32, CPU) on an in-memory set, unaugmented; model left in eval mode."""
+    """The model's outputs (float32, CPU) on a decoded set, unaugmented; model left in eval mode."""
+    return torch.cat([torch.zeros(0), *batch_outputs(model, data, spec, device, cfg, batch_size)])
+
+
+def batch_outputs(model: nn.Module, data: ImageSet, spec: InputSpec, device: torch.device, cfg: LoopConfig,
+                  batch_size: int = 512) -> Iterator[torch.Tensor]:
+    """:func:`outputs` one batch at a time, for a set whose outputs are too large to keep."""
     model.eval()
-    out = [torch.zeros(0)]
     with torch.inference_mode():
-        for i in range(0, len(data), batch_size):
-            x = normalize(data.images[i:i + batch_size], spec, device, cfg.channels_last)
+        for images in data.batches(batch_size):
+            x = normalize(images, spec, device, cfg.channels_last)
             with autocast(device, cfg.amp):
-                out.append(model(x).float().cpu())
-    return torch.cat(out)
+                yield model(x).float().cpu()
 
 
 def accuracy(model: nn.Module, data: ImageSet, spec: InputSpec, device: torch.device, cfg: LoopConfig) -> float:
@@ -208,25 +213,20 @@ def run_loop(model: nn.Module, objective: nn.Module, data: ImageSet, spec: Input
 
     if teacher is not None:
         teacher.eval()
-    images, labels = _on_device(data, device)
+    batches = _Batches(_on_device(data, device), cfg, per_epoch, total, ranks)
     sums: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
     seen, tick, record = 0, time.perf_counter(), {}
-    perm, perm_epoch = None, -1
     if on_event and ranks.main:
         on_event({"event": "start", "step": step, "total": total, "per_epoch": per_epoch})
     try:
         while step < total and (stop_after is None or step < stop_after):
             epoch, i = divmod(step, per_epoch)
-            if epoch != perm_epoch:
-                perm, perm_epoch = torch.randperm(len(data), generator=_generator(cfg.seed, epoch)), epoch
-            batch = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            offset, part = _part(len(batch), ranks.rank, ranks.world)
-            idx = batch[offset:offset + part].to(images.device)
+            images, y, offset, batch_len = batches.get(step)
             gen = _generator(cfg.seed, epoch, i, 1)
-            x = augment_batch(images[idx].to(device, non_blocking=True), cfg.augment, cfg.pad, gen,
-                              offset=offset, total=len(batch))
+            x = augment_batch(images.to(device, non_blocking=True), cfg.augment, cfg.pad, gen,
+                              offset=offset, total=batch_len)
             x = normalize(x, spec, device, cfg.channels_last)
-            y = labels[idx].to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
             factor = lr_factor(cfg, step, total)
             for g in optimizer.param_groups:
                 g["lr"] = cfg.lr * factor
@@ -249,7 +249,7 @@ def run_loop(model: nn.Module, objective: nn.Module, data: ImageSet, spec: Input
             for o in (optimizer, *extras):
                 o.step()
             step += 1
-            seen += len(batch)
+            seen += batch_len
             for k, v in losses.items():
                 sums[k] = sums[k] + v.detach() if k in sums else v.detach().float().clone()
             end_of_epoch = step % per_epoch == 0 or step == total
@@ -276,6 +276,7 @@ def run_loop(model: nn.Module, objective: nn.Module, data: ImageSet, spec: Input
             if checkpoint:
                 save(last_path)
     finally:
+        batches.close()
         if log is not None:
             log.close()
         if board is not None:
@@ -305,13 +306,50 @@ def _part(n: int, rank: int, world: int) -> tuple[int, int]:
 GPU_RESIDENT_BYTES = 4 << 30
 
 
-def _on_device(data: ImageSet, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """On a GPU, the uint8 training set lives in GPU memory when it is small, else pinned."""
-    if device.type != "cuda":
-        return data.images, data.labels
+def _on_device(data: ImageSet, device: torch.device) -> ImageSet:
+    """On a GPU, an in-memory uint8 training set lives in GPU memory when it is small, else pinned;
+    a set in the on-disk cache stays there."""
+    if device.type != "cuda" or data.on_disk:
+        return data
     if data.images.numel() <= GPU_RESIDENT_BYTES:
-        return data.images.to(device), data.labels.to(device)
-    return data.images.pin_memory(), data.labels.pin_memory()
+        return ImageSet(data.images.to(device), data.labels.to(device), data.paths)
+    return ImageSet(data.images.pin_memory(), data.labels.pin_memory(), data.paths)
+
+
+class _Batches:
+    """This rank's part of every step's global batch, drawn from the epoch's seeded permutation;
+    from the on-disk cache, the next step's images are read in a thread while this step runs."""
+
+    def __init__(self, data: ImageSet, cfg: LoopConfig, per_epoch: int, total: int, ranks):
+        self.data, self.cfg, self.per_epoch, self.total, self.ranks = data, cfg, per_epoch, total, ranks
+        self.perms: dict[int, torch.Tensor] = {}
+        self.reader = ThreadPoolExecutor(1) if data.on_disk else None
+        self.pending: tuple[int, Future] | None = None
+
+    def _indices(self, step: int) -> tuple[torch.Tensor, int, int]:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch not in self.perms:
+            self.perms = {e: p for e, p in self.perms.items() if e >= epoch - 1}
+            self.perms[epoch] = torch.randperm(len(self.data), generator=_generator(self.cfg.seed, epoch))
+        batch = self.perms[epoch][i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
+        offset, part = _part(len(batch), self.ranks.rank, self.ranks.world)
+        return batch[offset:offset + part], offset, len(batch)
+
+    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """(uint8 images, labels, this rank's offset in the global batch, the global batch's size)."""
+        idx, offset, size = self._indices(step)
+        if self.pending is not None and self.pending[0] == step:
+            images = self.pending[1].result()
+        else:
+            images = self.data.read(idx)
+        self.pending = None
+        if self.reader is not None and step + 1 < self.total:
+            self.pending = (step + 1, self.reader.submit(self.data.read, self._indices(step + 1)[0]))
+        return images, self.data.labels[idx.to(self.data.labels.device)], offset, size
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.shutdown(wait=True)
 
 
 def _truncate_metrics(path: Path, step: int) -> dict:
