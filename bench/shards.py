@@ -56,7 +56,9 @@ def select(teacher: str, pool: str, out: Path, num: int) -> float:
     cmd = [sys.executable, "-m", "dfkd", "select", "--teacher", teacher, "--pool", pool, "--out", str(out),
            "--num-images", str(num), "--device", "cpu"]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-2000:]}")
     return time.perf_counter() - start
 
 
@@ -70,12 +72,12 @@ def main() -> int:
     a = ap.parse_args()
     pattern = pack(a.pool, a.work / "shards", a.per_shard)
     sources = {"folder": str(a.pool), "shards": pattern}
-    walls = {name: min(select(a.teacher, src, a.work / name, a.num_images) for _ in range(2))
+    walls = {name: min(select(a.teacher, src, a.work / f"run-{name}", a.num_images) for _ in range(2))
              for name, src in sources.items()}
-    n = len(read_index(a.work / "folder" / "scores.tsv"))
+    n = len(read_index(a.work / "run-folder" / "scores.tsv"))
 
     def picked(name: str) -> list[tuple[str, str]]:
-        rows = read_index(a.work / name / "selected.tsv").rows
+        rows = read_index(a.work / f"run-{name}" / "selected.tsv").rows
         return sorted((r["score"], r.get("class", "")) for r in rows)
 
     for name, wall in walls.items():

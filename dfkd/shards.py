@@ -9,7 +9,10 @@ rows.
 
 Reading goes through the shard's own member table (one pass over its headers, kept per
 process for the last few shards), then a seek to the member's data: rows in shard order read
-each tar front to back.
+each tar front to back. The headers are read by a small scanner of our own (name, size, type;
+ustar prefixes, pax and GNU long names): with the standard ``tarfile`` module, which parses
+every header field in Python, ``select`` from shards ran at 0.68 of the same images as a folder;
+with the scanner at 1.00 (bench/shards.py).
 """
 from __future__ import annotations
 
@@ -20,15 +23,17 @@ import re
 import tarfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from .errors import DfkdError
 
 SEP = "#"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff")
 _BRACE = re.compile(r"\{([^{}]*)\}")
-_OPEN: "OrderedDict[str, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]]" = OrderedDict()
-KEEP_OPEN = 4
+_OPEN: "OrderedDict[str, tuple[BinaryIO, dict[str, tuple[int, int]]]]" = OrderedDict()
+KEEP_OPEN = 16
+BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -78,21 +83,23 @@ def split_member(path: str) -> tuple[str, str] | None:
 def members(shard: str, note: Callable[[str, str], None]) -> Iterator[str]:
     """The row paths of a shard's image members, in the shard's order; a broken tar is noted."""
     try:
-        for _, info in _table(shard)[1].items():
-            if info.name.lower().endswith(IMAGE_SUFFIXES):
-                yield f"{shard}{SEP}{info.name}"
+        table = _table(shard)[1]
     except (OSError, tarfile.TarError) as e:
         note(shard, f"tar shard not readable ({e})")
+        return
+    for name in table:
+        if name.lower().endswith(IMAGE_SUFFIXES):
+            yield f"{shard}{SEP}{name}"
 
 
 def read_member(shard: str, member: str) -> bytes:
     """A member's bytes; FileNotFoundError if the shard or member is not there."""
-    tar, table = _table(shard)
-    info = table.get(member)
-    if info is None:
+    f, table = _table(shard)
+    where = table.get(member)
+    if where is None:
         raise FileNotFoundError(f"{member} is not in {shard}")
-    f = tar.extractfile(info)
-    return f.read() if f is not None else b""
+    f.seek(where[0])
+    return f.read(where[1])
 
 
 def source(path: str) -> str | io.BytesIO:
@@ -111,15 +118,74 @@ def identity(path: str) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-def _table(shard: str) -> tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]:
-    """The open shard and its regular-file members by name (kept open for the next rows)."""
+def _table(shard: str) -> tuple[BinaryIO, dict[str, tuple[int, int]]]:
+    """The open shard and its regular files' (data offset, size) by name (kept for the next rows)."""
     key = f"{os.getpid()}:{shard}"  # a forked decoding worker opens its own
     if key in _OPEN:
         _OPEN.move_to_end(key)
         return _OPEN[key]
-    tar = tarfile.open(shard, "r:")
-    table = {m.name: m for m in tar if m.isfile()}
-    _OPEN[key] = (tar, table)
+    f = open(shard, "rb")
+    try:
+        table = _scan(f)
+    except BaseException:
+        f.close()
+        raise
+    _OPEN[key] = (f, table)
     while len(_OPEN) > KEEP_OPEN:
         _OPEN.popitem(last=False)[1][0].close()
-    return tar, table
+    return f, table
+
+
+def _scan(f: BinaryIO) -> dict[str, tuple[int, int]]:
+    """One pass over a tar's headers (ustar, pax and GNU long names), seeking past the data.
+
+    ``tarfile`` parses every header field in Python; this reads only the name, size and type,
+    which made listing and reading a shard several times faster."""
+    table, pos, long_name = {}, 0, None
+    while True:
+        f.seek(pos)
+        block = f.read(BLOCK)
+        if len(block) < BLOCK or block == ZERO_BLOCK:
+            if len(block) not in (0, BLOCK) or (pos == 0 and not block):
+                raise tarfile.ReadError("truncated or empty")
+            return table
+        stored = block[148:156].split(b"\0", 1)[0].strip()
+        try:
+            size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            ok = int(stored or b"-1", 8) == sum(block[:148]) + 256 + sum(block[156:])
+        except ValueError:
+            ok = False
+        if not ok:
+            raise tarfile.ReadError(f"bad header at byte {pos}")
+        kind, data = block[156:157], pos + BLOCK
+        if kind in (b"x", b"L"):  # pax extended header / GNU long name: the next member's name
+            f.seek(data)
+            payload = f.read(size)
+            long_name = _pax_path(payload) if kind == b"x" else payload.rstrip(b"\0").decode("utf-8", "replace")
+        elif kind in (b"0", b"\0", b"7"):
+            name = long_name
+            if name is None:
+                name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+                prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
+                if prefix:
+                    name = prefix.decode("utf-8", "replace") + "/" + name
+            table[name] = (data, size)
+            long_name = None
+        else:
+            long_name = None
+        pos = data + -(-size // BLOCK) * BLOCK
+
+
+def _pax_path(payload: bytes) -> str | None:
+    """The ``path`` record of a pax header ("LEN path=NAME\\n" records), if any."""
+    i = 0
+    while i < len(payload):
+        space = payload.find(b" ", i)
+        if space < 0:
+            break
+        length = int(payload[i:space])
+        record = payload[space + 1:i + length - 1]
+        if record.startswith(b"path="):
+            return record[5:].decode("utf-8", "replace")
+        i += length
+    return None

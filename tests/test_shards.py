@@ -103,3 +103,27 @@ def test_a_file_reached_twice_is_listed_once(tmp_path, pattern_folder):
     assert len({os.stat(f).st_ino for f in files}) == len(files)
     assert sorted(os.path.basename(p["path"]) for p in problems) == ["hard.png", "out2.png", "zz_link.png"]
     assert all("counted once" in p["reason"] for p in problems)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_header_scanner_reads_what_tarfile_writes(tmp_path, fmt):
+    from dfkd import shards
+
+    names = ["a.png", "dir/" + "x" * 120 + ".jpg", "d" * 90 + "/" + "e" * 60 + ".png", "ünï.png", "empty.png"]
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for i, name in enumerate(names):
+            if fmt == tarfile.USTAR_FORMAT and len(name.split("/")[-1]) > 100:
+                continue
+            data = bytes([i]) * (0 if name == "empty.png" else 700 * i + 3)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        want = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    got = {m.split("#", 1)[1]: shards.read_member(str(path), m.split("#", 1)[1])
+           for m in shards.members(str(path), lambda p, r: None)}
+    assert got == want and len(got) >= 4
