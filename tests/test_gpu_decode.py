@@ -23,6 +23,15 @@ def jpeg(img: Image.Image, **kw) -> bytes:
     return buf.getvalue()
 
 
+def jpeg_pool(pool, folder, n):
+    """The first ``n`` images of an ImageFolder, re-encoded as greyscale JPEGs in one folder."""
+    pool.mkdir()
+    for p in sorted(folder.rglob("*.png"))[:n]:
+        with Image.open(p) as im:
+            (pool / f"{p.parent.name}_{p.stem}.jpg").write_bytes(jpeg(im.convert("L")))
+    return pool
+
+
 def photo(w=37, h=23, seed=0) -> Image.Image:
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
@@ -53,11 +62,7 @@ def test_resize_matches_the_cpu_path(resize):
 
 
 def test_select_on_a_jpeg_pool_through_the_batched_path(tmp_path, digits_folders, digits_teacher, monkeypatch):
-    pool = tmp_path / "pool"
-    pool.mkdir()
-    for p in sorted(digits_folders[1].rglob("*.png"))[:120]:
-        with Image.open(p) as im:
-            (pool / f"{p.parent.name}_{p.stem}.jpg").write_bytes(jpeg(im.convert("L")))
+    pool = jpeg_pool(tmp_path / "pool", digits_folders[1], 120)
     good = jpeg(photo().convert("L"))
     (pool / "zz_cut.jpg").write_bytes(good[:len(good) * 9 // 10])  # a valid header, cut-off data
     (pool / "zz_bad.jpg").write_bytes(good[:-40] + b"\0" * 38 + b"\xff\xd9")  # whole, but corrupt
@@ -79,11 +84,7 @@ def test_select_on_a_jpeg_pool_through_the_batched_path(tmp_path, digits_folders
 
 @pytest.mark.gpu
 def test_select_on_cuda_decodes_jpegs_on_the_gpu(tmp_path, digits_folders, digits_teacher, monkeypatch):
-    pool = tmp_path / "pool"
-    pool.mkdir()
-    for p in sorted(digits_folders[1].rglob("*.png"))[:200]:
-        with Image.open(p) as im:
-            (pool / f"{p.parent.name}_{p.stem}.jpg").write_bytes(jpeg(im.convert("L")))
+    pool = jpeg_pool(tmp_path / "pool", digits_folders[1], 200)
     card = load_card(digits_teacher)
     devices = []
     real = gpu_decode.decode
