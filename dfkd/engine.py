@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from . import gpu_decode, shards
+from . import gpu_decode
 from .errors import DfkdError
 from .images import BadImage, InputSpec, image_tensor, normalize
 from .io import write_json
@@ -36,7 +36,8 @@ RowFn = Callable[[torch.Tensor, torch.Tensor, list[str], list[str]], list[tuple]
 
 
 class _Blocks(torch.utils.data.IterableDataset):
-    """This rank's blocks of rows, decoded: items ``(block, images, labels, paths, errors)``."""
+    """This rank's blocks of rows, decoded: items ``(block, images, labels, paths, errors, raw)``,
+    ``raw`` the (position, bytes) of the JPEGs left for the GPU to decode (dfkd/gpu_decode.py)."""
 
     def __init__(self, rows: Callable[[], Iterator[dict]], batch_size: int, spec: InputSpec, rank: int, world: int,
                  gpu_jpeg: bool = False):
@@ -58,7 +59,7 @@ class _Blocks(torch.utils.data.IterableDataset):
         images = torch.zeros(len(chunk), self.spec.channels, *self.spec.size, dtype=torch.uint8)
         errors, raw = [""] * len(chunk), []
         for i, row in enumerate(chunk):
-            jpeg = _raw_jpeg(row["path"]) if self.gpu_jpeg else None
+            jpeg = gpu_decode.read_jpeg(row["path"]) if self.gpu_jpeg else None
             if jpeg is not None:
                 raw.append((i, jpeg))
                 continue
@@ -68,17 +69,6 @@ class _Blocks(torch.utils.data.IterableDataset):
                 errors[i] = str(e)
         labels = torch.tensor([int(r.get("label") or -1) for r in chunk], dtype=torch.long)
         return images, labels, [r["path"] for r in chunk], errors, raw
-
-
-def _raw_jpeg(path: str) -> torch.Tensor | None:
-    try:
-        src = shards.source(path)
-        if isinstance(src, str):
-            with open(src, "rb") as f:
-                return gpu_decode.raw_jpeg(f.read())
-        return gpu_decode.raw_jpeg(src.getvalue())
-    except Exception:  # noqa: BLE001 - the CPU path decodes it again and records why it fails
-        return None
 
 
 def _on_device(images: torch.Tensor, raw: list, paths: list[str], errors: list[str], spec: InputSpec,

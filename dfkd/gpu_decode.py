@@ -17,18 +17,34 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import shards
 from .images import MAX_PIXELS, InputSpec
 
 ORIENTATION = 0x0112
+SOI, EOI = b"\xff\xd8\xff", b"\xff\xd9"  # a JPEG's first bytes, and its end-of-image marker
 
 
 def enabled(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("DFKD_GPU_DECODE", "1") != "0"
 
 
+def read_jpeg(path: str) -> torch.Tensor | None:
+    """:func:`raw_jpeg` of a row's file or shard member; only a file that starts as a JPEG is
+    read whole (the CPU path reads the others)."""
+    try:
+        src = shards.source(path)
+        if not isinstance(src, str):
+            return raw_jpeg(src.getvalue())
+        with open(src, "rb") as f:
+            head = f.read(len(SOI))
+            return raw_jpeg(head + f.read()) if head == SOI else None
+    except Exception:  # noqa: BLE001 - the CPU path decodes it again and records why it fails
+        return None
+
+
 def raw_jpeg(data: bytes) -> torch.Tensor | None:
     """The file's bytes as a uint8 tensor if the GPU may decode it, else None (CPU path)."""
-    if not data.startswith(b"\xff\xd8\xff") or not data.endswith(b"\xff\xd9"):
+    if not data.startswith(SOI) or not data.endswith(EOI):
         return None  # not a JPEG, or one cut off (a GPU decoder may not say so): the CPU path
     try:
         with Image.open(io.BytesIO(data)) as img:

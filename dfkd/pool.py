@@ -69,25 +69,26 @@ def walk_files(root: str | Path, problems: list[dict] | None = None) -> Iterator
                 note(e.path, "file name holds a tab, newline or bytes that are not UTF-8: rename it")
             elif e.name.endswith(".tar"):
                 yield from shards.members(e.path, note)
-            elif _new_file(e.path):
+            elif _new_file(e):
                 yield e.path
             else:
                 note(e.path, "the same file as one listed before (a symlink or hard link): counted once")
         for sub in subfolders:
             yield from visit(sub)
 
-    def _new_file(path: str) -> bool:
+    def _new_file(entry: os.DirEntry) -> bool:
         """False for a second name of a file already listed (or listed under its own name)."""
-        if os.path.islink(path):
-            rel = os.path.relpath(os.path.realpath(path), real_root)
+        link = entry.is_symlink()
+        if link:
+            rel = os.path.relpath(os.path.realpath(entry.path), real_root)
             inside = rel != ".." and not rel.startswith(".." + os.sep)
-            if inside and not any(part.startswith(".") for part in rel.split(os.sep)) and os.path.isfile(path):
+            if inside and not any(part.startswith(".") for part in rel.split(os.sep)) and entry.is_file():
                 return False  # its target is in the pool: listed under its own name
         try:
-            st = os.stat(path)
+            st = entry.stat()  # follows a symlink
         except OSError:
             return True  # gone or unreadable: decoding records why
-        if st.st_nlink < 2 and not os.path.islink(path):
+        if st.st_nlink < 2 and not link:
             return True  # the only name of its file: no need to remember it
         if (st.st_dev, st.st_ino) in seen_files:
             return False

@@ -1,4 +1,4 @@
-"""WebDataset tar shards: pools written by img2dataset / webdataset, read with ``tarfile``.
+"""WebDataset tar shards: pools written by img2dataset / webdataset, as rows of images.
 
 A pool may be a brace pattern as webdataset writes them (``shards/{000000..000099}.tar``,
 also ``{a,b}`` lists), a single ``.tar``, or a folder holding ``.tar`` files among its images.

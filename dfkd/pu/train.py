@@ -115,24 +115,24 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
         for flag, index, rows in (("--positive", pos_index, is_pos), ("--unlabeled", unl_index, ~is_pos)):
             if not bool(rows.any()):
                 raise DfkdError(f"{flag} {index.source}: none of the {len(index)} images could be decoded")
-        pos, unl = both.subset(is_pos.nonzero().squeeze(1), []), both.subset((~is_pos).nonzero().squeeze(1), [])
+        pos_rows, unl_rows = is_pos.nonzero().squeeze(1), (~is_pos).nonzero().squeeze(1)  # positions in both
         skipped = pos_index.problems + unl_index.problems + both.skipped
         if rt.ranks.main:
             write_index(out / "skipped.tsv", skipped, ["path", "reason"])
             write_text(out / "config.yaml", yaml.safe_dump(options, sort_keys=False))  # the resolved config
-        n_hold = int(len(pos) * holdout) if len(pos) >= 5 else 0
-        perm = torch.randperm(len(pos), generator=torch.Generator().manual_seed(cfg.seed))
+        n_hold = int(len(pos_rows) * holdout) if len(pos_rows) >= 5 else 0
+        perm = torch.randperm(len(pos_rows), generator=torch.Generator().manual_seed(cfg.seed))
         hold, fit = perm[:n_hold].sort().values, perm[n_hold:].sort().values
-        repeat = max(1, math.ceil(positive_share / (1 - positive_share) * len(unl) / max(1, len(fit))))
+        repeat = max(1, math.ceil(positive_share / (1 - positive_share) * len(unl_rows) / max(1, len(fit))))
         fit_rep = fit.repeat(repeat)
-        train = both.subset(torch.cat([is_pos.nonzero().squeeze(1)[fit_rep], (~is_pos).nonzero().squeeze(1)]))
+        train = both.subset(torch.cat([pos_rows[fit_rep], unl_rows]))
         result = run_loop(model, objective, train, spec, cfg, out, rt, stop_after=stop_after,
                           tensorboard=tensorboard, on_event=on_event)
         if not rt.ranks.main:
             return None
-        held = pos.subset(hold)
-        recall = float((outputs(model, held, spec, rt.device, cfg) > 0).float().mean()) if n_hold else None
-        share = float((outputs(model, unl, spec, rt.device, cfg) > 0).float().mean())
+        positive = outputs(model, both, spec, rt.device, cfg) > 0  # one pass; no copy of the pool's images
+        recall = float(positive[pos_rows[hold]].float().mean()) if n_hold else None
+        share = float(positive[unl_rows].float().mean())
         weights = out / "pu.pt"
         atomic_write(weights, lambda f: torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f),
                      "wb")
@@ -147,7 +147,7 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
                        {"teacher": teacher.path, "positive": pos_index.source, "unlabeled": unl_index.source},
                        summary={"heldout_positive_recall": recall, "pool_positive_share": share,
                                 "teacher_keys_loaded": matched})
-        return PuResult(card_path, result.steps, matched, recall, share, prior, len(fit), len(unl),
+        return PuResult(card_path, result.steps, matched, recall, share, prior, len(fit), len(unl_rows),
                         len(skipped), result.resumed_from)
 
 
