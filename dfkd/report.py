@@ -10,7 +10,6 @@ import base64
 import html
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +73,7 @@ def _thumb(path: str, tip: str) -> str:
     try:
         with Image.open(shards.source(path)) as im:
             im = ImageOps.pad(im.convert("RGB"), (THUMB, THUMB), color=(255, 255, 255))
-    except (OSError, ValueError, tarfile.TarError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         im = Image.new("RGB", (THUMB, THUMB), (225, 225, 225))
         ImageDraw.Draw(im).line([(0, 0), (THUMB, THUMB), (0, THUMB), (THUMB, 0)], fill=(200, 0, 0), width=2)
         tip += f" (unreadable: {type(e).__name__})"

@@ -20,7 +20,6 @@ import io
 import itertools
 import os
 import re
-import tarfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
@@ -30,7 +29,7 @@ from .errors import DfkdError
 SEP = "#"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff")
 _BRACE = re.compile(r"\{([^{}]*)\}")
-_OPEN: "OrderedDict[str, tuple[BinaryIO, dict[str, tuple[int, int]]]]" = OrderedDict()
+_OPEN: "OrderedDict[str, tuple[BinaryIO, dict[str, tuple[int, int]], str | None]]" = OrderedDict()
 KEEP_OPEN = 16
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -47,7 +46,7 @@ def expand_braces(pattern: str) -> list[str]:
             lo, hi = ends.groups()
             width = len(lo) if lo.startswith("0") else 0
             if int(hi) < int(lo):
-                raise DfkdError(f"{pattern}: the range {{{body}}} is empty")
+                raise DfkdError(f"{pattern}: the range {{{body}}} is empty (write it low..high)")
             choices.append([str(i).zfill(width) for i in range(int(lo), int(hi) + 1)])
         else:
             choices.append(body.split(","))
@@ -64,7 +63,10 @@ def shard_list(source: str | Path, flag: str) -> list[str] | None:
     text = os.fspath(source)
     if not text.endswith(".tar") or os.path.isdir(text):
         return None
-    shards = expand_braces(text) if _BRACE.search(text) and not os.path.exists(text) else [text]
+    try:
+        shards = expand_braces(text) if _BRACE.search(text) and not os.path.exists(text) else [text]
+    except DfkdError as e:
+        raise DfkdError(f"{flag} {e}") from None
     missing = [s for s in shards if not os.path.isfile(s)]
     if missing:
         raise DfkdError(f"{flag} {text}: shard {missing[0]} not found"
@@ -81,12 +83,16 @@ def split_member(path: str) -> tuple[str, str] | None:
 
 
 def members(shard: str, note: Callable[[str, str], None]) -> Iterator[str]:
-    """The row paths of a shard's image members, in the shard's order; a broken tar is noted."""
+    """The row paths of a shard's image members, in the shard's order. A shard that cannot be
+    read is noted; one cut off or damaged part-way is noted, and the members before it kept."""
     try:
-        table = _table(shard)[1]
-    except (OSError, tarfile.TarError) as e:
-        note(shard, f"tar shard not readable ({e})")
+        _, table, problem = _table(shard)
+    except OSError as e:
+        note(shard, f"tar shard not readable ({e.strerror or e})")
         return
+    if problem:
+        note(shard, f"tar shard not readable ({problem})" if not table else
+             f"tar shard not readable past its first {len(table)} members ({problem}): the rest left out")
     for name in table:
         if name.lower().endswith(IMAGE_SUFFIXES):
             yield f"{shard}{SEP}{name}"
@@ -94,7 +100,7 @@ def members(shard: str, note: Callable[[str, str], None]) -> Iterator[str]:
 
 def read_member(shard: str, member: str) -> bytes:
     """A member's bytes; FileNotFoundError if the shard or member is not there."""
-    f, table = _table(shard)
+    f, table, _ = _table(shard)
     where = table.get(member)
     if where is None:
         raise FileNotFoundError(f"{member} is not in {shard}")
@@ -118,26 +124,27 @@ def identity(path: str) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-def _table(shard: str) -> tuple[BinaryIO, dict[str, tuple[int, int]]]:
-    """The open shard and its regular files' (data offset, size) by name (kept for the next rows)."""
+def _table(shard: str) -> tuple[BinaryIO, dict[str, tuple[int, int]], str | None]:
+    """The open shard, its regular files' (data offset, size) by name, and what stopped the
+    scan early if anything did (kept open for the next rows)."""
     key = f"{os.getpid()}:{shard}"  # a forked decoding worker opens its own
     if key in _OPEN:
         _OPEN.move_to_end(key)
         return _OPEN[key]
     f = open(shard, "rb")
     try:
-        table = _scan(f)
+        _OPEN[key] = (f, *_scan(f, os.fstat(f.fileno()).st_size))
     except BaseException:
         f.close()
         raise
-    _OPEN[key] = (f, table)
     while len(_OPEN) > KEEP_OPEN:
         _OPEN.popitem(last=False)[1][0].close()
-    return f, table
+    return _OPEN[key]
 
 
-def _scan(f: BinaryIO) -> dict[str, tuple[int, int]]:
+def _scan(f: BinaryIO, length: int) -> tuple[dict[str, tuple[int, int]], str | None]:
     """One pass over a tar's headers (ustar, pax and GNU long names), seeking past the data.
+    Returns the members found and, if the tar ends early or a header is damaged, why.
 
     ``tarfile`` parses every header field in Python; this reads only the name, size and type,
     which made listing and reading a shard several times faster."""
@@ -145,19 +152,21 @@ def _scan(f: BinaryIO) -> dict[str, tuple[int, int]]:
     while True:
         f.seek(pos)
         block = f.read(BLOCK)
-        if len(block) < BLOCK or block == ZERO_BLOCK:
-            if len(block) not in (0, BLOCK) or (pos == 0 and not block):
-                raise tarfile.ReadError("truncated or empty")
-            return table
-        stored = block[148:156].split(b"\0", 1)[0].strip()
+        if block == ZERO_BLOCK or (not block and pos > 0):
+            return table, None  # the end-of-archive marker (or a tar that omits it)
+        if len(block) < BLOCK:
+            return table, f"cut off at byte {pos}" if pos else "empty or not a tar"
         try:
             size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            stored = block[148:156].split(b"\0", 1)[0].strip()
             ok = int(stored or b"-1", 8) == sum(block[:148]) + 256 + sum(block[156:])
         except ValueError:
             ok = False
         if not ok:
-            raise tarfile.ReadError(f"bad header at byte {pos}")
+            return table, f"bad header at byte {pos}" if pos else "not a tar"
         kind, data = block[156:157], pos + BLOCK
+        if data + size > length:
+            return table, f"cut off in the member at byte {pos}"
         if kind in (b"x", b"L"):  # pax extended header / GNU long name: the next member's name
             f.seek(data)
             payload = f.read(size)
@@ -183,7 +192,12 @@ def _pax_path(payload: bytes) -> str | None:
         space = payload.find(b" ", i)
         if space < 0:
             break
-        length = int(payload[i:space])
+        try:
+            length = int(payload[i:space])
+        except ValueError:
+            return None  # a damaged record: the member keeps its header name
+        if length <= 0:
+            return None
         record = payload[space + 1:i + length - 1]
         if record.startswith(b"path="):
             return record[5:].decode("utf-8", "replace")

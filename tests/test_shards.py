@@ -127,3 +127,14 @@ def test_the_header_scanner_reads_what_tarfile_writes(tmp_path, fmt):
     got = {m.split("#", 1)[1]: shards.read_member(str(path), m.split("#", 1)[1])
            for m in shards.members(str(path), lambda p, r: None)}
     assert got == want and len(got) >= 4
+
+
+def test_a_shard_cut_off_part_way_keeps_the_members_before_the_cut(tmp_path, pattern_folder):
+    write_shards(pattern_folder, tmp_path / "s", n_shards=1)
+    whole = (tmp_path / "s" / "000.tar").read_bytes()
+    (tmp_path / "s" / "000.tar").write_bytes(whole[:len(whole) // 2 + 100])  # cut off inside a member
+    index = open_pool(tmp_path / "s" / "000.tar")
+    assert 0 < len(index) < 18
+    (problem,) = index.problems
+    assert problem["path"].endswith("000.tar") and "tar shard not readable past its first" in problem["reason"]
+    assert all(load_image(p, 1).size == (16, 16) for p in index.paths)  # every member kept is whole

@@ -152,8 +152,7 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Seque
             val = decode_images(v_index.paths, card.input, v_index.labels(), workers=rt.workers, what="--eval-data",
                                 cache_dir=cache_dir, ranks=rt.ranks)
         train = decode_images(index.paths, card.input, index.labels(), workers=rt.workers, what="--data",
-                              cache_dir=cache_dir, ranks=rt.ranks, on_progress=(lambda d, t: on_event({"event": "decode", "done": d, "total": t}))
-                              if on_event else None)
+                              cache_dir=cache_dir, ranks=rt.ranks, on_event=on_event)
         train.skipped = index.problems + train.skipped
         train, counts = _finite_teacher(teacher.model, train, card, rt.device, loop)
         if method == "robust":

@@ -109,8 +109,7 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
         # one decoded set (in memory or the on-disk cache): the positives first, then the pool
         both = decode_images(pos_index.paths + unl_index.paths, spec, [1] * len(pos_index) + [0] * len(unl_index),
                              workers=rt.workers, what="--positive and --unlabeled", cache_dir=cache_dir,
-                             ranks=rt.ranks, on_progress=(lambda d, t: on_event({"event": "decode", "done": d,
-                                                                                 "total": t})) if on_event else None)
+                             ranks=rt.ranks, on_event=on_event)
         is_pos = both.labels == 1
         for flag, index, rows in (("--positive", pos_index, is_pos), ("--unlabeled", unl_index, ~is_pos)):
             if not bool(rows.any()):

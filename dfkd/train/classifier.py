@@ -1,7 +1,6 @@
 """``train``: a classifier trained with cross-entropy on labeled images (teachers, baselines)."""
 from __future__ import annotations
 
-import tarfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -52,7 +51,7 @@ def infer_spec(paths: list[str], size: int | None, channels: int | None) -> Inpu
             try:
                 with Image.open(shards.source(p)) as img:  # reads the header only
                     w, h, mode = *img.size, img.mode
-            except (OSError, ValueError, tarfile.TarError):
+            except (OSError, ValueError):
                 continue
             size = size or max(w, h)
             channels = channels or (1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3)
@@ -89,8 +88,7 @@ def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConf
         run.claim({"arch": arch, "arch_args": arch_args, "data": data_digest(data), "size": size,
                    "channels": channels, "val_split": val_split, "config": asdict(cfg)}, overwrite)
         full = decode_images(index.paths, spec, labels, workers=rt.workers, what="--data", cache_dir=cache_dir,
-                             ranks=rt.ranks, on_progress=(lambda d, t: on_event({"event": "decode", "done": d, "total": t}))
-                             if on_event else None)
+                             ranks=rt.ranks, on_event=on_event)
         full.skipped = index.problems + full.skipped
         spec.mean, spec.std = channel_stats(full)
         train, val = split(full, val_split, cfg.seed) if val_split > 0 else (full, None)
