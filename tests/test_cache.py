@@ -92,6 +92,8 @@ def test_a_cut_off_or_foreign_entry_is_one_clear_line(pattern_folder, on_disk):
         f.truncate(100)
     with pytest.raises(DfkdError, match="shorter than its meta.json says"):
         data.read(torch.tensor([len(data) - 1]))
+    with pytest.raises(DfkdError, match=r"images.u8: holds 100 bytes, its meta.json says \d+ .* remove"):
+        decode_images(paths, SPEC)  # found when the entry is opened, before any training
     meta = json.loads((entry / "meta.json").read_text())
     (entry / "meta.json").write_text(json.dumps({**meta, "rows": 3}))
     with pytest.raises(DfkdError, match=r"meta.json: does not describe this data .* remove"):

@@ -118,7 +118,11 @@ def cached_images(paths: Sequence[str], spec: InputSpec, cache_dir: str | Path |
     if info.get("rows") != len(paths) or tuple(info.get("shape", ())) != shape:
         raise DfkdError(f"{meta}: does not describe this data ({info.get('rows')} rows of {info.get('shape')},"
                         f" expected {len(paths)} of {list(shape)}); remove {entry}")
-    images = DiskImages(entry / "images.u8", shape, torch.arange(len(paths)))
+    file, want = entry / "images.u8", len(paths) * int(np.prod(shape))
+    size = file.stat().st_size if file.is_file() else None
+    if size != want:
+        raise DfkdError(f"{file}: holds {size} bytes, its meta.json says {want} (cut off?); remove {entry}")
+    images = DiskImages(file, shape, torch.arange(len(paths)))
     return images, [(int(r), str(reason)) for r, reason in info["failed"]]
 
 
