@@ -40,7 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CpuShare, fmt_rate, header, pool_index, random_card, sync  # noqa: E402
 
 from dfkd.cards import build_arch, load_card, load_model  # noqa: E402
-from dfkd.distill.objectives import build_objective, make_extra_optimizers  # noqa: E402
+from dfkd.distill.objectives import build_objective  # noqa: E402
+from dfkd.distill.terms import WithTerms  # noqa: E402
+from dfkd.events import Logged  # noqa: E402
+from dfkd.teacher import Teacher  # noqa: E402
 from dfkd.distill.run import soft_class_counts  # noqa: E402
 from dfkd.images import open_pool  # noqa: E402
 from dfkd.dist import SINGLE  # noqa: E402
@@ -122,7 +125,7 @@ def bare_loop(teacher, student, images, mean, std, dev, batch_size, amp, steps, 
     return marks
 
 
-def dfkd_loop(method, teacher, student, data, spec, dev, args, info, out: Path, per_step: bool) -> list[float]:
+def dfkd_loop(method, teacher: Teacher, student, data, spec, dev, args, info, out: Path, per_step: bool) -> list[float]:
     """Step-end timestamps of ``run_loop`` from the metrics record at ``warmup`` on.
 
     Per-step timing logs a record every step (a JSON line, tens of µs); otherwise every
@@ -131,17 +134,17 @@ def dfkd_loop(method, teacher, student, data, spec, dev, args, info, out: Path, 
     cfg = LoopConfig(steps=args.warmup + args.steps, batch_size=args.batch_size, amp=args.amp,
                      log_every=1 if per_step else max(1, args.warmup), checkpoint_every=10**9,
                      augment="crop-flip", pad=PAD)
-    objective = build_objective(method, len(info["class_counts"]), {}, info)
+    objective = WithTerms(build_objective(method, len(info["class_counts"]), {}, info), len(info["class_counts"]))
     marks: list[tuple[int, float]] = []
 
-    def on_event(record: dict) -> None:
-        if "step" in record and "event" not in record:
+    def on_event(event) -> None:
+        if isinstance(event, Logged):
             sync(dev)
-            marks.append((record["step"], time.perf_counter()))
+            marks.append((event.record["step"], time.perf_counter()))
 
     shutil.rmtree(out, ignore_errors=True)
     run_loop(student, objective, data, spec, cfg, out, Runtime(dev, cfg.amp, 0, SINGLE), teacher=teacher,
-             extra_optimizers=make_extra_optimizers(objective.to(dev)), on_event=on_event)
+             on_event=on_event)
     window = [t for step, t in marks if step >= args.warmup]
     return window if per_step else [window[0], window[-1]]
 
@@ -200,7 +203,8 @@ def main(argv=None) -> None:
             if m == methods[0] and r and time.perf_counter() - start > args.budget:
                 print(f"  (stopped after {r // len(methods)} of {args.rounds} rounds: --budget {args.budget:g}s)")
                 break
-            runs[m].append(dfkd_loop(m, teacher, copy.deepcopy(student0), data, card.input, dev, args, info,
+            frozen = Teacher([card], teacher)
+            runs[m].append(dfkd_loop(m, frozen, copy.deepcopy(student0), data, card.input, dev, args, info,
                                      tmp / f"run-{r}", per_step))
             bare_runs.append(bare())
             near = rate(bare_runs[-2:], args.batch_size, per_step)

@@ -243,20 +243,23 @@ class _training_progress:
         self._total = None
         return self.on_event
 
-    def on_event(self, ev: dict) -> None:
-        if ev.get("event") == "decode":
-            self._update(ev["done"], ev["total"], info="decoding images")
-        elif ev.get("event") == "describe":
-            self._update(0, None, log=ev["text"])
-        elif ev.get("event") == "start":
-            self._total = ev["total"]
-            self._update(ev["step"], ev["total"], info="")
-        else:
-            losses = " ".join(f"{k} {v:.4g}" for k, v in ev.items()
+    def on_event(self, ev) -> None:
+        from .events import Decoded, Logged, Note, Started
+
+        if isinstance(ev, Decoded):
+            self._update(ev.done, ev.total, info="decoding images")
+        elif isinstance(ev, Note):
+            self._update(0, None, log=ev.text)
+        elif isinstance(ev, Started):
+            self._total = ev.total
+            self._update(ev.step, ev.total, info="")
+        elif isinstance(ev, Logged):
+            r = ev.record
+            losses = " ".join(f"{k} {v:.4g}" for k, v in r.items()
                               if k not in ("step", "epoch", "images_per_s") and isinstance(v, float))
-            line = f"epoch {ev['epoch']:g} step {ev['step']} {losses}" if "val_top1" in ev or \
-                float(ev["epoch"]).is_integer() else None
-            self._update(ev["step"], self._total, info=f"loss {ev['loss']:.4g}", log=line)
+            line = f"epoch {r['epoch']:g} step {r['step']} {losses}" if "val_top1" in r or \
+                float(r["epoch"]).is_integer() else None
+            self._update(r["step"], self._total, info=f"loss {r['loss']:.4g}", log=line)
 
     def __exit__(self, *exc):
         return self._ctx.__exit__(*exc)
@@ -320,13 +323,17 @@ def pu_train(
     positive: Path = POSITIVE,
     unlabeled: Path = UNLABELED,
     out: Path = typer.Option(..., help="Run directory (pu.yaml, metrics.jsonl, checkpoints/)."),
-    prior: float = typer.Option(..., help="Class prior: the share of the pool that is positive."),
-    backbone: Optional[str] = typer.Option(None, help="Backbone arch instead of the teacher's (random init)."),
-    taps: Optional[str] = typer.Option(None, help="Comma-separated backbone modules to tap (default: the stages)."),
-    reduction: int = typer.Option(16, help="Squeeze-excitation reduction r."),
-    beta: float = typer.Option(0.0, help="nnPU beta."),
-    gamma: float = typer.Option(1.0, help="nnPU gamma."),
-    positive_share: float = typer.Option(0.25, help="Oversample positives to this share of every batch."),
+    prior: Optional[float] = typer.Option(None, help="Class prior: the share of the pool that is positive"
+                                                     " (nnpu.prior; required)."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone arch instead of the teacher's (random init;"
+                                                      " model.backbone)."),
+    taps: Optional[str] = typer.Option(None, help="Comma-separated backbone modules to tap (default: the stages;"
+                                                  " model.taps)."),
+    reduction: Optional[int] = typer.Option(None, help="Squeeze-excitation reduction r (model.reduction, default 16)."),
+    beta: Optional[float] = typer.Option(None, help="nnPU beta (nnpu.beta, default 0)."),
+    gamma: Optional[float] = typer.Option(None, help="nnPU gamma (nnpu.gamma, default 1)."),
+    positive_share: Optional[float] = typer.Option(None, help="Oversample positives to this share of the training"
+                                                              " set (default 0.25; 0: not repeated)."),
     epochs: Optional[int] = EPOCHS,
     steps: Optional[int] = STEPS,
     batch_size: Optional[int] = BATCH_SIZE,
@@ -343,21 +350,22 @@ def pu_train(
 ) -> None:
     """Train the PU classifier (nnPU risk, multi-scale SE features) of PU Compression."""
     from .config import resolve_config
-    from .pu.train import pu_train as run_pu
-    from .train.loop import LoopConfig
+    from .pu.train import default_config, pu_train as run_pu
 
-    cfg = resolve_config(asdict(LoopConfig(epochs=10, optimizer="adam", lr=1e-3, weight_decay=0.0)), config, set_, _loop_flags(
-        epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, seed=seed))
+    cfg = resolve_config(default_config(), config, set_, _loop_flags(
+        epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, seed=seed, positive_share=positive_share,
+        **{"nnpu.prior": prior, "nnpu.beta": beta, "nnpu.gamma": gamma, "model.backbone": backbone,
+           "model.taps": taps, "model.reduction": reduction}))
     card = _card(teacher)
+    err.print(table("config", ["key", "value"], cfg.items()))
     with _training_progress() as on_event:
-        r = run_pu(card, positive, unlabeled, out, prior, LoopConfig(**cfg), backbone=backbone,
-                   taps=taps.split(",") if taps else None, reduction=reduction, beta=beta, gamma=gamma,
-                   positive_share=positive_share, workers=workers, device=device, overwrite=overwrite,
+        r = run_pu(card, positive, unlabeled, out, cfg, workers=workers, device=device, overwrite=overwrite,
                    tensorboard=tensorboard, cache_dir=cache_dir, on_event=on_event)
     if r is None:  # a rank other than 0
         return
+    loaded = "none (random init)" if r.teacher_keys_loaded is None else f"{r.teacher_keys_loaded} of {r.backbone_keys}"
     err.print(table("pu-train", ["", "value"], [
-        ("teacher weights loaded into the backbone", r.matched_keys), ("positives (training)", r.positives),
+        ("teacher weights loaded into the backbone", loaded), ("positives (training)", r.positives),
         ("unlabeled", r.unlabeled), ("skipped images", r.skipped), ("steps", r.steps),
         ("held-out positives scored positive", r.heldout_positive_recall),
         ("pool scored positive", r.pool_positive_share), ("prior", r.prior)]))
@@ -502,18 +510,11 @@ def _registries() -> dict:
     from .models import ARCHS
     from .select import POLICIES, SCORERS
 
-    regs = {"archs": ARCHS, "scorers": SCORERS, "policies": POLICIES}
-    try:
-        from .distill import OBJECTIVES
-        regs["objectives"] = OBJECTIVES
-    except ImportError:
-        pass
-    try:
-        from .pu import EXTRACTORS
-        regs["extractors"] = EXTRACTORS
-    except ImportError:
-        pass
-    return regs
+    from .distill import OBJECTIVES
+    from .pu import EXTRACTORS
+
+    return {"archs": ARCHS, "scorers": SCORERS, "policies": POLICIES, "objectives": OBJECTIVES,
+            "extractors": EXTRACTORS}
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def file_sha256(path: str | Path, limit: int | None = None) -> str:
+def file_sha256(path: str | Path) -> str:
     """SHA-256 of a file's bytes (hex)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -6,7 +6,7 @@ so the CLI can list and describe them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from .errors import DfkdError
@@ -18,7 +18,6 @@ class Entry:
     obj: Any
     summary: str
     paper: str = ""
-    meta: dict = field(default_factory=dict)
 
 
 class Registry:
@@ -29,7 +28,7 @@ class Registry:
         self._entries: dict[str, Entry] = {}
 
     def register(self, obj: Any = None, *, key: str | None = None, summary: str | None = None,
-                 paper: str = "", **meta: Any) -> Any:
+                 paper: str = "") -> Any:
         def add(o: Any) -> Any:
             name = key or o.__name__
             if name in self._entries:
@@ -37,7 +36,7 @@ class Registry:
             text = summary or next(iter((o.__doc__ or "").strip().splitlines()), "")
             if not text:
                 raise ValueError(f"{self.kind} {name!r} needs a summary or a docstring")
-            self._entries[name] = Entry(name, o, text, paper, dict(meta))
+            self._entries[name] = Entry(name, o, text, paper)
             return o
 
         return add(obj) if obj is not None else add

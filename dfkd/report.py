@@ -84,8 +84,8 @@ def _class_names(manifest: dict, run: Path) -> list[str]:
     """Class names from the teacher card named in the manifest, else from the run's own card."""
     import yaml
 
-    cards = [(manifest.get("inputs", {}).get(k) or {}).get("path") for k in ("teacher0", "teacher", "model")]
-    for card in [c for c in cards if c] + [run / "model.yaml", run / "student.yaml"]:
+    teacher = (manifest.get("inputs", {}).get("teacher0") or {}).get("path")
+    for card in [c for c in (teacher,) if c] + [run / "model.yaml", run / "student.yaml"]:
         try:
             classes = (yaml.safe_load(Path(card).read_text(encoding="utf-8")) or {}).get("classes")
         except (OSError, ValueError, AttributeError, yaml.YAMLError):

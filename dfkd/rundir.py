@@ -132,9 +132,15 @@ class RunDir:
         self.close()
 
 
-def _differences(a: dict, b: dict) -> list[str]:
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return keys[:4] or ["unknown"]
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The keys whose values differ, nested ones dotted (``config.lr``); at most four."""
+    out = []
+    for k in sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _differences(a[k], b[k], f"{prefix}{k}.")
+        else:
+            out.append(prefix + k)
+    return out[:4] if prefix else out[:4] or ["unknown"]
 
 
 def open_run(out: str | Path, command: str, ranks: Ranks = SINGLE) -> RunDir:

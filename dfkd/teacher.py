@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -103,6 +104,16 @@ class Teacher:
     def identity(self) -> list[str]:
         """Content digests of the cards, weights and inputs: what a run directory is bound to."""
         return [card_digest(c) for c in self.cards]
+
+
+def teacher_inputs(cards: Sequence[ModelCard]) -> dict[str, Path | None]:
+    """The manifest's ``inputs`` entries of the teacher cards, one scheme for every command:
+    ``teacher0``, ``teacher0_weights``, ``teacher1``, ... (a TorchScript teacher's file is its card)."""
+    out: dict[str, Path | None] = {}
+    for i, c in enumerate(cards):
+        out[f"teacher{i}"] = c.path
+        out[f"teacher{i}_weights"] = c.weights
+    return out
 
 
 def card_digest(card: ModelCard) -> str:

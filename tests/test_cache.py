@@ -10,6 +10,7 @@ from dfkd.cards import load_card
 from dfkd.distill.run import default_config, distill
 from dfkd.config import resolve_config
 from dfkd.errors import DfkdError
+from dfkd.events import Decoded
 from dfkd.images import InputSpec
 from dfkd.train import cache
 from dfkd.train.data import decode_images
@@ -70,13 +71,13 @@ def test_a_killed_build_resumes_with_the_chunks_still_missing(pattern_folder, on
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        decode_images(paths, SPEC, on_event=lambda ev: ev["event"] == "decode" and stop_after_two_chunks(ev["done"],
-                                                                                                         ev["total"]))
+        decode_images(paths, SPEC, on_event=lambda ev: isinstance(ev, Decoded) and stop_after_two_chunks(ev.done,
+                                                                                                         ev.total))
     (entry,) = [p for p in on_disk.iterdir() if p.is_dir()]
     assert sorted(p.name for p in (entry / "parts").iterdir()) == ["0.json", "1.json"]
     assert not (entry / "meta.json").exists()
     decoded.clear()
-    again = decode_images(paths, SPEC, on_event=lambda ev: ev["event"] == "decode" and decoded.append(ev["done"]))
+    again = decode_images(paths, SPEC, on_event=lambda ev: isinstance(ev, Decoded) and decoded.append(ev.done))
     fresh = decode_images(paths, SPEC, cache_dir=on_disk / "fresh")
     assert torch.equal(torch.cat(list(again.batches(64))), torch.cat(list(fresh.batches(64))))
     assert again.skipped == fresh.skipped and len(again.skipped) == 1

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -13,8 +14,8 @@ from dfkd.errors import DfkdError
 from dfkd.evaluate import evaluate
 from dfkd.index import read_index
 from dfkd.pu.expand import expand
-from dfkd.pu.train import pu_train
-from dfkd.train.loop import LoopConfig
+from dfkd.pu.train import NnpuObjective, PuConfig, positive_repeat, pu_train
+from dfkd.train.objective import Batch
 
 
 def pu_data(root: Path, train: Path, n_pos_per_class: int = 4, n_ood: int = 700):
@@ -49,10 +50,9 @@ def test_pu_train_expand_separates_in_from_out_and_feeds_robust_kd(tmp_path, dig
     teacher = load_card(digits_teacher)
     pos, pool, truth = pu_data(tmp_path, train)
     prior = sum(truth.values()) / len(truth)
-    cfg = LoopConfig(epochs=4, optimizer="adam", lr=1e-3, weight_decay=0.0, batch_size=64, amp=False,
-                     augment="crop", pad=2)
-    r = pu_train(teacher, pos, pool, tmp_path / "pu", prior, cfg, workers=0, device="cpu")
-    assert r.matched_keys.split("/")[0] == r.matched_keys.split("/")[1] != "0"  # teacher weights all loaded
+    cfg = PuConfig(epochs=4, batch_size=64, amp=False, augment="crop", pad=2, nnpu={"prior": prior})
+    r = pu_train(teacher, pos, pool, tmp_path / "pu", cfg, workers=0, device="cpu")
+    assert r.teacher_keys_loaded == r.backbone_keys > 0  # the teacher's weights all loaded
     assert r.heldout_positive_recall is not None and r.heldout_positive_recall >= 0.5
     assert (tmp_path / "pu" / "skipped.tsv").read_text().startswith("path\treason\n")  # written, if empty
     e = expand(r.card, pos, pool, tmp_path / "expand", workers=0, device="cpu")
@@ -75,8 +75,8 @@ def test_expand_top_n_repeat_and_errors(tmp_path, digits_folders, digits_teacher
     train, _ = digits_folders
     teacher = load_card(digits_teacher)
     pos, pool, truth = pu_data(tmp_path, train, n_pos_per_class=2, n_ood=30)
-    cfg = LoopConfig(steps=3, optimizer="adam", lr=1e-3, batch_size=32, amp=False)
-    r = pu_train(teacher, pos, pool, tmp_path / "pu", 0.5, cfg, workers=0, device="cpu")
+    cfg = PuConfig(steps=3, batch_size=32, amp=False, nnpu={"prior": 0.5})
+    r = pu_train(teacher, pos, pool, tmp_path / "pu", cfg, workers=0, device="cpu")
     e = expand(r.card, pos, pool, tmp_path / "e", num=25, repeat_positive=3, workers=0, device="cpu")
     rows = read_index(e.files["expanded"]).rows
     assert len(rows) == 20 * 3 + 25
@@ -106,3 +106,58 @@ def test_cli_pu_train_and_expand_print_paths(tmp_path, digits_folders, digits_te
                               "--unlabeled", str(pool), "--out", str(tmp_path / "e"), "--workers", "0"])
     assert res.exit_code == 0, res.output
     assert res.stdout.strip() == str(tmp_path / "e" / "expanded.tsv")
+
+
+def test_positives_are_repeated_to_their_share_and_zero_means_as_they_come():
+    assert positive_repeat(0.25, 900, 10) == 30  # 300 positive rows against 900 unlabeled: 25 %
+    assert positive_repeat(0.25, 900, 10) * 10 / (positive_repeat(0.25, 900, 10) * 10 + 900) >= 0.25
+    assert positive_repeat(0.25, 900, 29) * 29 / (positive_repeat(0.25, 900, 29) * 29 + 900) >= 0.25
+    assert positive_repeat(0.25, 20, 10) == 1 and positive_repeat(0.0, 900, 10) == 1
+    with pytest.raises(DfkdError, match="--positive-share"):
+        PuConfig(positive_share=1.0, nnpu={"prior": 0.5}).check()
+
+
+def test_a_batch_without_positives_or_unlabeled_takes_no_step():
+    obj = NnpuObjective(0.3)
+    scores = torch.randn(6, requires_grad=True)
+    for labels in (torch.zeros(6, dtype=torch.long), torch.ones(6, dtype=torch.long)):
+        out = obj(Batch(scores, labels))
+        out["loss"].backward()
+        assert float(out["loss"].detach()) == 0.0 and torch.count_nonzero(scores.grad) == 0
+        assert set(out) == {"loss", "risk", "positive_risk", "negative_risk", "clipped"}
+    full = obj(Batch(scores, torch.tensor([1, 0, 0, 1, 0, 0])))
+    assert set(full) == set(out) and float(full["risk"]) > 0
+
+
+def test_pu_config_sections_layer_and_bad_values_name_the_flag(tmp_path):
+    from dfkd.config import resolve_config
+    from dfkd.pu.train import default_config
+
+    ref = Path(__file__).parents[1] / "pipelines" / "configs" / "pu-train-reference.yaml"
+    cfg = resolve_config(default_config(), ref, ["nnpu.beta=0.1"], {"nnpu.prior": 0.2})
+    c = PuConfig(**cfg)
+    c.check()
+    assert (c.batch_size, c.optimizer, c.lr, c.positive_share) == (4096, "sgd", 0.001, 0.0)
+    assert c.nnpu == {"prior": 0.2, "beta": 0.1, "gamma": 1.0}
+    with pytest.raises(DfkdError, match="--prior is required"):
+        PuConfig().check()
+    with pytest.raises(DfkdError, match="nnpu.priors"):
+        resolve_config(default_config(), None, ["nnpu.priors=0.2"])
+    with pytest.raises(DfkdError, match="section 'model' has no key 'tap'"):
+        PuConfig(model={"tap": "layer1"})
+
+
+@pytest.mark.slow
+def test_pu_train_resumes_to_identical_weights_and_refuses_another_config(tmp_path, digits_folders, digits_teacher):
+    teacher = load_card(digits_teacher)
+    pos, pool, _ = pu_data(tmp_path, digits_folders[0], n_pos_per_class=2, n_ood=40)
+    cfg = PuConfig(steps=6, batch_size=32, amp=False, checkpoint_every=2, nnpu={"prior": 0.5})
+    whole = pu_train(teacher, pos, pool, tmp_path / "whole", cfg, workers=0, device="cpu")
+    assert pu_train(teacher, pos, pool, tmp_path / "cut", cfg, workers=0, device="cpu", stop_after=3) is not None
+    resumed = pu_train(teacher, pos, pool, tmp_path / "cut", cfg, workers=0, device="cpu")
+    assert resumed.resumed_from == 3 and resumed.steps == whole.steps == 6
+    a, b = torch.load(tmp_path / "whole" / "pu.pt"), torch.load(tmp_path / "cut" / "pu.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = PuConfig(steps=6, batch_size=32, amp=False, checkpoint_every=2, nnpu={"prior": 0.4})
+    with pytest.raises(DfkdError, match="other inputs.*config"):
+        pu_train(teacher, pos, pool, tmp_path / "cut", other, workers=0, device="cpu")

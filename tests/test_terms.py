@@ -18,6 +18,7 @@ from torch import nn
 
 from dfkd.teacher import TeacherEnsemble, adapt_input, ensemble_logits
 from dfkd.distill.objectives import build_objective, make_extra_optimizers
+from dfkd.train.objective import Batch
 from dfkd.distill.terms import TERM_DEFAULTS, WithTerms, align_loss, correlation_loss, discriminator_losses
 from dfkd.images import InputSpec
 
@@ -84,7 +85,7 @@ def test_h_and_discriminator_train():
     h0, d0 = obj.h[0].weight.clone(), obj.disc[0].weight.clone()
     first = None
     for _ in range(30):
-        out = obj(s_logits, t_logits, None, s_feat, t_feat)
+        out = obj(Batch(s_logits, torch.full((16,), -1), t_logits, (s_feat, t_feat)))
         first = first if first is not None else float(out["align"] + out["correlation"])
         for o in (opt, *extras):
             o.zero_grad()

@@ -22,10 +22,10 @@ class KD(Objective):
 
     OPTIONS = {"temperature": (float, 4.0), "ce_weight": (float, 0.0)}
 
-    def __init__(self, num_classes: int, cfg: dict | None = None, info: dict | None = None):
-        super().__init__(num_classes, cfg, info)
-        require(self.opts["temperature"] > 0, "temperature", self.opts["temperature"], "> 0")
-        require(self.opts["ce_weight"] >= 0, "ce_weight", self.opts["ce_weight"], ">= 0")
+    @classmethod
+    def check(cls, opts: dict, num_classes: int, info: dict) -> None:
+        require(opts["temperature"] > 0, "temperature", opts["temperature"], "> 0")
+        require(opts["ce_weight"] >= 0, "ce_weight", opts["ce_weight"], ">= 0")
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor,
                 labels: Tensor | None = None) -> dict[str, Tensor]:

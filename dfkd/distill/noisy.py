@@ -4,7 +4,7 @@ Q is the noise-adaptation matrix: diagonal = the teacher's accuracy (per class w
 has ``class_accuracy``, else the scalar ``accuracy`` for every class), off-diagonal mass
 (1−a_i)·softmax(θ_i). θ (k×k, starting at 0) is this module's parameter; it is trained by its
 own optimizer, declared by ``extra_param_groups()`` (default Adam, lr 1e-3 as in the
-reference) and built by ``objectives.make_extra_optimizers``. With ``learn_diagonal=true``
+reference), which the training loop builds and steps with the student's. With ``learn_diagonal=true``
 the diagonal is learned too (a sigmoid of a parameter starting at a), in θ's group.
 """
 from __future__ import annotations
@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DfkdError
+from ..train.optim import OPTIMIZERS
 from .losses import kd_loss, noise_adaptation_matrix, noisy_nll
-from .objectives import Objective, optimizer_names, register, require
+from .objectives import Objective, register, require
 
 
 def _check_accuracy(values: list[float], where: str) -> None:
@@ -59,14 +60,18 @@ class NoisyKD(Objective):
                "per_class_accuracy": (bool, True), "learn_diagonal": (bool, False), "theta_lr": (float, 1e-3),
                "theta_optimizer": (str, "adam")}
 
+    @classmethod
+    def check(cls, opts: dict, num_classes: int, info: dict) -> None:
+        require(opts["temperature"] > 0, "temperature", opts["temperature"], "> 0")
+        require(opts["lambda"] >= 0, "lambda", opts["lambda"], ">= 0")
+        require(opts["theta_lr"] > 0, "theta_lr", opts["theta_lr"], "> 0")
+        require(opts["theta_optimizer"] in OPTIMIZERS, "theta_optimizer", opts["theta_optimizer"],
+                "one of " + ", ".join(OPTIMIZERS))
+        teacher_diagonal(num_classes, opts["accuracy"], info, opts["per_class_accuracy"])  # Q's diagonal is known
+
     def __init__(self, num_classes: int, cfg: dict | None = None, info: dict | None = None):
         super().__init__(num_classes, cfg, info)
         o = self.opts
-        require(o["temperature"] > 0, "temperature", o["temperature"], "> 0")
-        require(o["lambda"] >= 0, "lambda", o["lambda"], ">= 0")
-        require(o["theta_lr"] > 0, "theta_lr", o["theta_lr"], "> 0")
-        require(o["theta_optimizer"] in optimizer_names(), "theta_optimizer",
-                o["theta_optimizer"], "one of " + ", ".join(optimizer_names()))
         a, self.source = teacher_diagonal(self.num_classes, o["accuracy"], info or {},
                                           o["per_class_accuracy"])
         self.theta = nn.Parameter(torch.zeros(self.num_classes, self.num_classes))

@@ -18,6 +18,8 @@ Contract (mdistiller-style). An objective is a ``torch.nn.Module`` built as
   NOT go into the student's optimizer: ``make_extra_optimizers(objective)`` builds one
   optimizer per group (DFND's reference: a separate Adam at lr 1e-3 for θ); step them with
   the student's. The objective's ``state_dict()`` holds θ and any RNG state, for resuming.
+* ``check(opts, num_classes, info)`` (classmethod): the options' range checks, run by
+  ``objective_options`` before any image is decoded and again when the objective is built.
 * ``describe()``: one line saying what the objective uses, for the run log.
 
 Move the objective to the training device with ``.to(device)`` like any module.
@@ -26,19 +28,16 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from ..errors import DfkdError
 from ..registry import Registry
+from ..train.optim import extra_optimizers as make_extra_optimizers
+
+__all__ = ["OBJECTIVES", "Objective", "build_objective", "make_extra_optimizers", "objective_options", "register",
+           "require", "resolve_options"]
 
 OBJECTIVES = Registry("objective")
-
-_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam,
-    "sgd": torch.optim.SGD,
-}
-
 
 def register(key: str, paper: str) -> Callable[[type], type]:
     """Register an objective class under ``key`` and remember the key on the class."""
@@ -97,10 +96,22 @@ class Objective(nn.Module):
 
     def __init__(self, num_classes: int, cfg: dict | None = None, info: dict | None = None):
         super().__init__()
-        if int(num_classes) < 2:
-            raise DfkdError(f"objective {self.key!r} needs at least 2 classes, got {num_classes}")
         self.num_classes = int(num_classes)
-        self.opts = resolve_options(self.key, self.OPTIONS, cfg)
+        self.opts = self.checked_options(num_classes, cfg, info or {})
+
+    @classmethod
+    def checked_options(cls, num_classes: int, cfg: dict | None, info: dict) -> dict:
+        """The options resolved (defaults, then ``cfg``) and checked against what is known before
+        any image is decoded: ``info`` without ``class_counts``. Raises the DfkdError a build would."""
+        if int(num_classes) < 2:
+            raise DfkdError(f"objective {cls.key!r} needs at least 2 classes, got {num_classes}")
+        opts = resolve_options(cls.key, cls.OPTIONS, cfg)
+        cls.check(opts, int(num_classes), info)
+        return opts
+
+    @classmethod
+    def check(cls, opts: dict, num_classes: int, info: dict) -> None:
+        """Range checks of the options (``require``); may fill a default that depends on another."""
 
     def extra_param_groups(self) -> list[dict]:
         return []
@@ -115,11 +126,9 @@ def build_objective(key: str, num_classes: int, cfg: dict | None = None,
     return OBJECTIVES.get(key)(num_classes, dict(cfg or {}), dict(info or {}))
 
 
-def make_extra_optimizers(objective: Objective) -> list[torch.optim.Optimizer]:
-    """One optimizer per ``objective.extra_param_groups()`` entry, as each group names it."""
-    return [_OPTIMIZERS[g["optimizer"]](g["params"], lr=g["lr"])
-            for g in objective.extra_param_groups()]
+def objective_options(key: str, num_classes: int, cfg: dict | None = None, info: dict | None = None) -> dict:
+    """``key``'s resolved options, checked as a build would check them, without building it (for
+    failing before the images are decoded; the data's ``class_counts`` are not needed)."""
+    return OBJECTIVES.get(key).checked_options(num_classes, dict(cfg or {}), dict(info or {}))
 
 
-def optimizer_names() -> list[str]:
-    return sorted(_OPTIMIZERS)

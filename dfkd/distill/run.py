@@ -9,24 +9,25 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import yaml
 
 from ..cards import ModelCard, build_arch, load_card, load_model, save_card
 from ..errors import DfkdError
-from ..images import open_labeled
+from ..events import Note, OnEvent
+from ..images import open_labeled, open_pool
 from ..index import Index, write_index
 from ..io import write_json, write_text
 from ..models.features import classifier_layer
 from ..pool import data_digest
 from ..rundir import open_run, write_manifest
 from ..runtime import setup
-from ..teacher import card_digest, check_compatible, ensemble_accuracy, load_teacher
+from ..teacher import card_digest, check_compatible, ensemble_accuracy, load_teacher, teacher_inputs
 from ..train.data import ImageSet, decode_images
 from ..train.loop import LoopConfig, accuracy, batch_outputs, run_loop
-from .objectives import build_objective, make_extra_optimizers
+from .objectives import build_objective, objective_options
 from .terms import TERM_DEFAULTS, WithTerms
 
 
@@ -62,8 +63,6 @@ class DistillResult:
 
 def read_data(paths: Sequence[str | Path]) -> Index:
     """Concatenate the rows of one or more index files (or pool directories)."""
-    from ..images import open_pool
-
     rows, columns, problems = [], ["path"], []
     for p in paths:
         index = open_pool(p, flag="--data")
@@ -111,7 +110,7 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Seque
             config: dict | DistillConfig, *,
             eval_data: str | Path | None = None, workers: int | None = None, device: str = "auto",
             stop_after: int | None = None, overwrite: bool = False, tensorboard: bool = False,
-            cache_dir: str | Path | None = None, on_event: Callable[[dict], None] | None = None) -> DistillResult | None:
+            cache_dir: str | Path | None = None, on_event: OnEvent | None = None) -> DistillResult | None:
     """Distill the teacher (or an ensemble of teachers) into ``student`` on the images of ``data``,
     with ``config`` a :class:`DistillConfig` or the equivalent dict (as the CLI resolves it).
 
@@ -130,10 +129,9 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Seque
     loop.amp = rt.amp
     index = read_data(data)
     info = {**ensemble_accuracy(teachers), "class_counts": None, "teacher_card": str(card.path)}
-    # Built once early to check its options before any decoding, and for the ensemble's temperature;
-    # robust's real class counts need the decoded data, so the objective proper is built below.
-    probe = build_objective(method, card.num_classes, obj_cfg, {**info, "class_counts": [1.0] * card.num_classes})
-    teacher = load_teacher(teachers, rt.device, probe.opts.get("temperature", 1.0))
+    # checked before any image is decoded; the objective is built once the data's class counts are known
+    options = objective_options(method, card.num_classes, obj_cfg, info)
+    teacher = load_teacher(teachers, rt.device, options.get("temperature", 1.0))
     torch.manual_seed(loop.seed)
     s_model, arch, arch_args = _student(student, card, rt.device)
     dims = {}
@@ -155,28 +153,25 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Seque
                               cache_dir=cache_dir, ranks=rt.ranks, on_event=on_event)
         train.skipped = index.problems + train.skipped
         train, counts = _finite_teacher(teacher.model, train, card, rt.device, loop)
-        if method == "robust":
-            info["class_counts"] = counts.tolist()
-            if rt.ranks.main:
-                write_json(out / "class_counts.json", {"class_counts": info["class_counts"], "images": len(train)})
+        info["class_counts"] = counts.tolist()
+        if rt.ranks.main:
+            write_json(out / "class_counts.json", {"class_counts": info["class_counts"], "images": len(train)})
         objective = WithTerms(build_objective(method, card.num_classes, obj_cfg, info), card.num_classes,
                               terms, **dims)
         if rt.ranks.main:
             write_text(out / "config.yaml", yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=False))
             write_index(out / "skipped.tsv", train.skipped, ["path", "reason"])
         if on_event and rt.ranks.main:
-            on_event({"event": "describe", "text": objective.describe()})
-        result = run_loop(s_model, objective, train, card.input, loop, out, rt, teacher=teacher.model, val=val,
-                          stop_after=stop_after, extra_optimizers=make_extra_optimizers(objective.to(rt.device)),
-                          tensorboard=tensorboard, on_event=on_event)
+            on_event(Note(objective.describe()))
+        result = run_loop(s_model, objective, train, card.input, loop, out, rt, teacher=teacher, val=val,
+                          stop_after=stop_after, tensorboard=tensorboard, on_event=on_event)
         if not rt.ranks.main:
             return None
         val_top1 = accuracy(s_model, val, card.input, rt.device, loop) if val is not None else None
         student_card = save_card(out / "student.yaml", arch, card.num_classes, card.input, s_model.state_dict(),
                                  arch_args, classes=card.classes, kind="student",
                                  notes=f"dfkd distill --method {method} from {card.path}")
-        inputs = {f"teacher{i}": t.path for i, t in enumerate(teachers)}
-        inputs.update({f"teacher{i}_weights": t.weights for i, t in enumerate(teachers)})
+        inputs = teacher_inputs(teachers)
         write_manifest(out, "distill", config, {**inputs, **{f"data{i}": p for i, p in enumerate(data)}},
                        objective=objective.describe(), student=student, ranks=rt.ranks.world,
                        summary={"steps": result.steps, "last": result.last, "best": result.best,

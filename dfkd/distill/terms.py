@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..train.objective import Batch, LoopObjective
+from .objectives import Objective
+
 
 def align_loss(student_proj: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of the squared distance of the L2-normalised vectors (= 2 − 2·cos)."""
@@ -64,22 +67,27 @@ TERM_DEFAULTS = {
 }
 
 
-class WithTerms(nn.Module):
-    """``base`` objective plus the enabled terms; needs features when align/correlation are on."""
+class WithTerms(LoopObjective):
+    """What ``distill`` minimises: the KD objective ``base`` (the contract of ``objectives.py``) on
+    the batch's logits, plus the enabled terms; needs features when align/correlation are on.
+    ``terms`` is shaped as :data:`TERM_DEFAULTS` (all weights 0: the KD objective alone)."""
 
-    def __init__(self, base: nn.Module, num_classes: int, terms: dict, student_dim: int | None = None,
+    def __init__(self, base: Objective, num_classes: int, terms: dict | None = None, student_dim: int | None = None,
                  teacher_dim: int | None = None):
         super().__init__()
+        terms = terms or TERM_DEFAULTS
         self.base, self.terms = base, terms
         self.needs_features = terms["align"]["weight"] > 0 or terms["correlation"]["weight"] > 0
         self.h = mlp([student_dim, int(terms["align"]["hidden"]), teacher_dim]) if self.needs_features else None
         d = terms["discriminator"]
         self.disc = mlp([num_classes, int(d["hidden"]), int(d["hidden"]), 1]) if d["weight"] > 0 else None
 
-    def forward(self, s_logits, t_logits, labels, s_feat=None, t_feat=None):
-        out = dict(self.base(s_logits, t_logits, labels))
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        s_logits, t_logits = batch.outputs, batch.teacher_logits
+        out = dict(self.base(s_logits, t_logits, batch.labels))
         loss = out["loss"]
         if self.h is not None:
+            s_feat, t_feat = batch.features
             proj, t_feat = self.h(s_feat.float()), t_feat.float().detach()
             for name, fn in (("align", lambda: align_loss(proj, t_feat)),
                              ("correlation", lambda: correlation_loss(proj, t_feat, self.terms["correlation"]["tau"]))):

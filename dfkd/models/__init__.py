@@ -1,4 +1,4 @@
-"""Model architectures (registry ``ARCHS``) and model cards."""
+"""Model architectures: the registry ``ARCHS`` (cards are in :mod:`dfkd.cards`)."""
 from ..registry import Registry
 
 ARCHS = Registry("architecture")

@@ -31,9 +31,5 @@ class FeatureTap:
     def _keep(self, module, args) -> None:
         self.value = torch.flatten(args[0], 1)
 
-    @property
-    def dim(self) -> int:
-        return self.layer.in_features
-
     def remove(self) -> None:
         self._handle.remove()

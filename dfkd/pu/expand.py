@@ -22,7 +22,7 @@ from ..index import Index, write_index
 from ..rundir import open_run, write_manifest
 from ..runtime import setup
 from ..select.policies import POLICIES, StreamingChoice
-from ..teacher import card_digest, load_teacher
+from ..teacher import card_digest, load_teacher, teacher_inputs
 from .train import load_pu
 
 
@@ -96,7 +96,7 @@ def expand(pu_card: str | Path, positive: str | Path, unlabeled: str | Path, out
                                                                 "num": num, "repeat_positive": repeat_positive,
                                                                 **rt.options()},
                       inputs={"pu": pu_card, "positive": pos.source, "unlabeled": unlabeled,
-                              "teacher": teacher_path}, prior=pu.get("prior"))
+                              **(teacher_inputs(t.cards) if t else {})}, prior=pu.get("prior"))
 
 
 def _write(segment: Segment, pos: Index, checked: list[tuple], out: Path, classes: list[str], has_teacher: bool, *,

@@ -10,38 +10,40 @@ classifier accepts, next to the share of the pool it calls positive (compare wit
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
-from torch import nn
 
 from ..cards import ModelCard, build_arch, load_card, read_state_dict
 from ..errors import DfkdError
+from ..events import OnEvent
 from ..images import open_pool
 from ..index import write_index
 from ..io import atomic_write, write_text
 from ..pool import data_digest
 from ..rundir import open_run, write_manifest
 from ..runtime import setup
-from ..teacher import card_digest
+from ..teacher import card_digest, teacher_inputs
 from ..train.data import decode_images
 from ..train.loop import LoopConfig, outputs, run_loop
+from ..train.objective import Batch, LoopObjective
 from .extractor import MultiScaleSE, default_taps, load_backbone_weights
 from .nnpu import nnpu_risk
 
 
-class NnpuObjective(nn.Module):
-    """nnPU risk on a batch: labels 1 = positive, 0 = unlabeled (Kiryo et al. 2017, Alg. 1)."""
+class NnpuObjective(LoopObjective):
+    """nnPU risk of the PU classifier's scores g(x) on a batch: labels 1 = positive, 0 = unlabeled
+    (Kiryo et al. 2017, Alg. 1)."""
 
     def __init__(self, prior: float, beta: float = 0.0, gamma: float = 1.0):
         super().__init__()
         self.prior, self.beta, self.gamma = prior, beta, gamma
         nnpu_risk(torch.zeros(1), torch.zeros(1), prior, beta, gamma)  # validates the flags now
 
-    def forward(self, scores, teacher_logits, labels):
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        scores, labels = batch.outputs, batch.labels
         pos, unl = scores[labels == 1], scores[labels == 0]
         if len(pos) == 0 or len(unl) == 0:  # rare with oversampling; skip the step's gradient
             zero = scores.sum() * 0.0
@@ -59,11 +61,63 @@ def build_pu_model(backbone_arch: str, num_classes: int, card_input, taps: list[
     return MultiScaleSE(backbone, taps or default_taps(backbone, shape), reduction, shape)
 
 
+NNPU_DEFAULTS = {"prior": None, "beta": 0.0, "gamma": 1.0}
+MODEL_DEFAULTS = {"backbone": None, "taps": None, "reduction": 16}
+
+
+@dataclass
+class PuConfig(LoopConfig):
+    """pu-train's settings, layered like distill's (defaults here -> ``--config`` -> ``--set`` ->
+    flags): the loop's (Adam at 1e-3 for 10 epochs), the nnPU risk's, the PU classifier's, and
+    how the positives are used. ``asdict()`` gives the config the CLI resolves."""
+
+    epochs: int = 10
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    nnpu: dict = field(default_factory=lambda: dict(NNPU_DEFAULTS))
+    model: dict = field(default_factory=lambda: dict(MODEL_DEFAULTS))
+    positive_share: float = 0.25  # positives repeated to this share of the training set (0: not repeated)
+    holdout: float = 0.2  # share of the positives held out to report their recall
+
+    def __post_init__(self) -> None:  # a section given in part keeps the other defaults
+        for name, defaults in (("nnpu", NNPU_DEFAULTS), ("model", MODEL_DEFAULTS)):
+            given = dict(getattr(self, name) or {})
+            unknown = sorted(set(given) - set(defaults))
+            if unknown:
+                raise DfkdError(f"config section {name!r} has no key {unknown[0]!r}; known: {', '.join(defaults)}")
+            setattr(self, name, {**defaults, **given})
+
+    def check(self) -> None:
+        super().check()
+        prior = self.nnpu["prior"]
+        if prior is None:
+            raise DfkdError("--prior is required: the share of the pool that is positive (or nnpu.prior in --config)")
+        if isinstance(prior, bool) or not isinstance(prior, (int, float)):
+            raise DfkdError(f"--prior {prior!r}: expected a number in (0, 1)")
+        nnpu_risk(torch.zeros(1), torch.zeros(1), prior, self.nnpu["beta"], self.nnpu["gamma"])  # checks all three
+        if not isinstance(self.model["reduction"], int) or self.model["reduction"] < 1:
+            raise DfkdError(f"--reduction {self.model['reduction']!r}: must be a whole number of at least 1")
+        if not 0 <= self.positive_share < 1:
+            raise DfkdError(f"--positive-share {self.positive_share}: must be in [0, 1) (0: positives not repeated)")
+        if not 0 <= self.holdout < 1:
+            raise DfkdError(f"--set holdout={self.holdout}: must be in [0, 1)")
+
+    def taps(self) -> list[str] | None:
+        taps = self.model["taps"]
+        return [t.strip() for t in taps.split(",") if t.strip()] if isinstance(taps, str) else taps
+
+
+def default_config() -> dict:
+    return asdict(PuConfig())
+
+
 @dataclass
 class PuResult:
     card: Path
     steps: int
-    matched_keys: str
+    teacher_keys_loaded: int | None  # of backbone_keys; None when the backbone starts from random weights
+    backbone_keys: int
     heldout_positive_recall: float | None
     pool_positive_share: float
     prior: float
@@ -73,39 +127,36 @@ class PuResult:
     resumed_from: int
 
 
-def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, out: str | Path, prior: float,
-             cfg: LoopConfig, *, backbone: str | None = None, taps: list[str] | None = None,
-             reduction: int = 16, beta: float = 0.0, gamma: float = 1.0, positive_share: float = 0.25,
-             holdout: float = 0.2, workers: int | None = None, device: str = "auto",
+def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, out: str | Path,
+             config: PuConfig | dict, *, workers: int | None = None, device: str = "auto",
              stop_after: int | None = None, overwrite: bool = False, tensorboard: bool = False,
-             cache_dir: str | Path | None = None, on_event: Callable[[dict], None] | None = None) -> PuResult | None:
-    """Train the PU classifier; write ``out/pu.yaml`` and its weights."""
+             cache_dir: str | Path | None = None, on_event: OnEvent | None = None) -> PuResult | None:
+    """Train the PU classifier with ``config`` (a :class:`PuConfig` or the dict the CLI resolves);
+    write ``out/pu.yaml`` and its weights."""
     out = Path(out)
-    if reduction < 1:
-        raise DfkdError(f"--reduction {reduction}: must be at least 1")
-    if not 0 < positive_share < 1:
-        raise DfkdError(f"--positive-share {positive_share}: must be in (0, 1)")
-    objective = NnpuObjective(prior, beta, gamma)
+    cfg = config if isinstance(config, PuConfig) else PuConfig(**config)
     cfg.check()
+    prior, beta, gamma = (cfg.nnpu[k] for k in ("prior", "beta", "gamma"))
+    objective = NnpuObjective(prior, beta, gamma)
     rt = setup(device, cfg.amp, workers, training=True)
     cfg = replace(cfg, amp=rt.amp)
+    backbone = cfg.model["backbone"]
     if teacher.torchscript and not backbone:
         raise DfkdError("--teacher is TorchScript: its stages cannot be tapped; name a --backbone arch")
     arch = backbone or teacher.arch
     arch_args = teacher.arch_args if arch == teacher.arch else {}
     torch.manual_seed(cfg.seed)
-    model = build_pu_model(arch, teacher.num_classes, teacher.input, taps, reduction, arch_args)
-    matched = "random init"
+    model = build_pu_model(arch, teacher.num_classes, teacher.input, cfg.taps(), cfg.model["reduction"], arch_args)
+    loaded, keys = None, len(model.backbone.state_dict())
     if arch == teacher.arch and teacher.weights:
         report = load_backbone_weights(model.backbone, read_state_dict(teacher.weights))
-        matched = f"{report.matched}/{report.total}"
+        loaded, keys = report.matched, report.total
     pos_index, unl_index = open_pool(positive, "--positive"), open_pool(unlabeled, "--unlabeled")
     spec = teacher.input
-    options = {"prior": prior, "backbone": arch, "taps": model.taps, "reduction": reduction, "beta": beta,
-               "gamma": gamma, "positive_share": positive_share, **asdict(cfg)}
+    options = asdict(cfg)
     with open_run(out, "pu-train", rt.ranks) as run:
         run.claim({"teacher": card_digest(teacher), "positive": data_digest(positive),
-                   "unlabeled": data_digest(unlabeled), "options": options}, overwrite)
+                   "unlabeled": data_digest(unlabeled), "config": options}, overwrite)
         # one decoded set (in memory or the on-disk cache): the positives first, then the pool
         both = decode_images(pos_index.paths + unl_index.paths, spec, [1] * len(pos_index) + [0] * len(unl_index),
                              workers=rt.workers, what="--positive and --unlabeled", cache_dir=cache_dir,
@@ -119,10 +170,10 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
         if rt.ranks.main:
             write_index(out / "skipped.tsv", skipped, ["path", "reason"])
             write_text(out / "config.yaml", yaml.safe_dump(options, sort_keys=False))  # the resolved config
-        n_hold = int(len(pos_rows) * holdout) if len(pos_rows) >= 5 else 0
+        n_hold = int(len(pos_rows) * cfg.holdout) if len(pos_rows) >= 5 else 0
         perm = torch.randperm(len(pos_rows), generator=torch.Generator().manual_seed(cfg.seed))
         hold, fit = perm[:n_hold].sort().values, perm[n_hold:].sort().values
-        repeat = max(1, math.ceil(positive_share / (1 - positive_share) * len(unl_rows) / max(1, len(fit))))
+        repeat = positive_repeat(cfg.positive_share, len(unl_rows), len(fit))
         fit_rep = fit.repeat(repeat)
         train = both.subset(torch.cat([pos_rows[fit_rep], unl_rows]))
         result = run_loop(model, objective, train, spec, cfg, out, rt, stop_after=stop_after,
@@ -137,17 +188,22 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
                      "wb")
         card = {"kind": "pu", "arch": arch, "num_classes": teacher.num_classes, "weights": weights.name,
                 "input": spec.to_dict(), "arch_args": arch_args or None,
-                "pu": {"taps": model.taps, "reduction": reduction, "prior": prior,
+                "pu": {"taps": model.taps, "reduction": cfg.model["reduction"], "prior": prior,
                        "teacher": str(teacher.path.resolve()), "heldout_positive_recall": recall,
-                       "pool_positive_share": share, "teacher_keys_loaded": matched}}
+                       "pool_positive_share": share, "teacher_keys_loaded": loaded, "backbone_keys": keys}}
         card_path = write_text(out / "pu.yaml", yaml.safe_dump({k: v for k, v in card.items() if v is not None},
                                                                sort_keys=False))
         write_manifest(out, "pu-train", {**options, "positive_repeat": repeat},
-                       {"teacher": teacher.path, "positive": pos_index.source, "unlabeled": unl_index.source},
+                       {**teacher_inputs([teacher]), "positive": pos_index.source, "unlabeled": unl_index.source},
                        summary={"heldout_positive_recall": recall, "pool_positive_share": share,
-                                "teacher_keys_loaded": matched})
-        return PuResult(card_path, result.steps, matched, recall, share, prior, len(fit), len(unl_rows),
+                                "teacher_keys_loaded": loaded, "backbone_keys": keys})
+        return PuResult(card_path, result.steps, loaded, keys, recall, share, prior, len(fit), len(unl_rows),
                         len(skipped), result.resumed_from)
+
+
+def positive_repeat(share: float, unlabeled: int, positives: int) -> int:
+    """How many times the positives are repeated so they make at least ``share`` of the training set."""
+    return max(1, math.ceil(share / (1 - share) * unlabeled / max(1, positives)))
 
 
 def load_pu(path: str | Path, device: torch.device) -> tuple[MultiScaleSE, ModelCard, dict]:

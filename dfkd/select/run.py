@@ -25,7 +25,7 @@ from ..index import open_index, write_index
 from ..pool import Listing
 from ..rundir import RunDir, open_run, write_manifest
 from ..runtime import Runtime, setup
-from ..teacher import Teacher, load_teacher
+from ..teacher import Teacher, load_teacher, teacher_inputs
 from .policies import POLICIES, StreamingChoice
 from .scores import SCORERS
 
@@ -53,15 +53,33 @@ def quantiles(values: np.ndarray) -> dict[str, float]:
     return dict(zip(["min", "q25", "median", "q75", "max"], map(float, qs)))
 
 
-def check_selection(num: int | None, ratio: float | None, max_score: float | None) -> None:
-    if num is not None and ratio is not None:
-        raise DfkdError("give at most one of --num-images and --ratio")
-    if num is not None and num < 1:
-        raise DfkdError(f"--num-images {num}: must be at least 1")
-    if ratio is not None and not 0 < ratio <= 1:
-        raise DfkdError(f"--ratio {ratio}: must be in (0, 1]")
-    if max_score is not None and not np.isfinite(max_score):
-        raise DfkdError(f"--max-score {max_score}: must be a finite number")
+@dataclass(frozen=True)
+class Budget:
+    """What to select from the scored pool: ``num`` images or a ``ratio`` of it (neither: every
+    image), only those scoring at most ``max_score``, spent by ``policy``."""
+
+    num: int | None = None
+    ratio: float | None = None
+    max_score: float | None = None
+    policy: str = "per-class"
+
+    def __post_init__(self) -> None:
+        if self.num is not None and self.ratio is not None:
+            raise DfkdError("give at most one of --num-images and --ratio")
+        if self.num is not None and self.num < 1:
+            raise DfkdError(f"--num-images {self.num}: must be at least 1")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise DfkdError(f"--ratio {self.ratio}: must be in (0, 1]")
+        if self.max_score is not None and not np.isfinite(self.max_score):
+            raise DfkdError(f"--max-score {self.max_score}: must be a finite number")
+        POLICIES.get(self.policy)
+
+    def k(self, scored: int) -> int | None:
+        """How many images to keep out of ``scored`` (None: all that pass ``max_score``)."""
+        return None if self.num is None and self.ratio is None else (self.num or max(1, round(self.ratio * scored)))
+
+    def options(self) -> dict:
+        return {"num": self.num, "ratio": self.ratio, "max_score": self.max_score, "policy": self.policy}
 
 
 def _score_rows(teacher: Teacher, score: str, seed: int):
@@ -102,8 +120,8 @@ def select_pool(teachers: ModelCard | Sequence[ModelCard], pool: str | Path, out
 
     With ``shard=(i, n)`` only the i-th of n slices is scored (scores.tsv and skipped.tsv, no
     selection); :func:`merge_shards` selects from the shards."""
-    check_selection(num, ratio, max_score)
-    SCORERS.get(score), POLICIES.get(policy)
+    budget = Budget(num, ratio, max_score, policy)
+    SCORERS.get(score)
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise DfkdError(f"--shard {shard[0]}/{shard[1]}: expected I/N with 0 <= I < N")
     rt = setup(device, amp, workers)
@@ -113,21 +131,18 @@ def select_pool(teachers: ModelCard | Sequence[ModelCard], pool: str | Path, out
                              shard=shard, overwrite=overwrite, on_progress=on_progress)
         if not rt.ranks.main:
             return None
-        options = dict(num=num, ratio=ratio, max_score=max_score, policy=policy, score=score, seed=seed,
-                       batch_size=batch_size, shard=list(shard) if shard else None, **rt.options())
-        inputs = {f"teacher{i}": c.path for i, c in enumerate(teacher.cards)}
-        inputs.update({f"teacher{i}_weights": c.weights for i, c in enumerate(teacher.cards)})
-        return finish([segment], teacher.card, Path(out), num=num, ratio=ratio, max_score=max_score,
-                      policy=policy, options=options, inputs={**inputs, "pool": pool},
-                      select=shard is None)
+        options = dict(**budget.options(), score=score, seed=seed, batch_size=batch_size,
+                       shard=list(shard) if shard else None, **rt.options())
+        inputs = teacher_inputs(teacher.cards)
+        return finish([segment], teacher.card, Path(out), budget if shard is None else None, options,
+                      {**inputs, "pool": pool})
 
 
 def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path, *, num: int | None = None,
                  ratio: float | None = None, max_score: float | None = None, policy: str = "per-class",
                  overwrite: bool = False) -> SelectResult:
     """Select from the union of ``select --shard I/N`` runs: the same files as one run."""
-    check_selection(num, ratio, max_score)
-    POLICIES.get(policy)
+    budget = Budget(num, ratio, max_score, policy)
     shards = []
     for given in map(Path, shard_dirs):
         found = [given] if _is_shard(given) else sorted(p for p in given.iterdir() if _is_shard(p)) \
@@ -163,28 +178,30 @@ def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path, *, num: int 
     card = load_card(first["teachers"][0])
     with open_run(out, "select") as run:
         run.claim({"merge": [m["identity"] for m, _ in shards]}, overwrite)
-        options = dict(num=num, ratio=ratio, max_score=max_score, policy=policy, merged=[str(d) for _, d in shards])
-        return finish(segments, card, Path(out), num=num, ratio=ratio, max_score=max_score, policy=policy,
-                      options=options, inputs={f"teacher{i}": t for i, t in enumerate(first["teachers"])},
-                      select=True)
+        options = dict(**budget.options(), merged=[str(d) for _, d in shards])
+        teachers = teacher_inputs([load_card(t) for t in first["teachers"]])
+        return finish(segments, card, Path(out), budget, options, teachers)
 
 
 def _is_shard(d: Path) -> bool:
     return (d / ".scoring" / "shard.json").is_file()
 
 
-def finish(segments: list[Segment], card: ModelCard, out: Path, *, num: int | None, ratio: float | None,
-           max_score: float | None, policy: str, options: dict, inputs: dict, select: bool) -> SelectResult:
-    """Write scores.tsv, skipped.tsv and (with ``select``) selected.tsv from the scored rows,
-    streaming: the pool's scores are held as float32 (4 bytes an image), rows only if chosen."""
+def finish(segments: list[Segment], card: ModelCard, out: Path, budget: Budget | None, options: dict,
+           inputs: dict) -> SelectResult:
+    """Write scores.tsv, skipped.tsv and (with a ``budget``; a shard has none) selected.tsv from
+    the scored rows, streaming: the pool's scores are held as float32 (4 bytes an image), rows
+    only if chosen. ``options`` and ``inputs`` go to the manifest."""
     values = np.fromiter((r[1] for s in segments for r in s.rows if not r[3]), dtype=np.float32)
     if len(values) == 0:
         skipped = [{"path": row["path"], "reason": r[3]} for s in segments for row, r in s]
         _write_skipped(out, [*segments[0].listing.problems, *skipped])
         raise DfkdError(f"no image of the pool could be scored ({len(skipped)} skipped; see the reasons"
                         f" in {out / 'skipped.tsv'})")
-    k = None if num is None and ratio is None else (num or max(1, round(ratio * len(values))))
-    choice = StreamingChoice(POLICIES.get(policy), k, card.num_classes)
+    select = budget is not None
+    budget = budget or Budget()
+    max_score = budget.max_score
+    choice = StreamingChoice(POLICIES.get(budget.policy), budget.k(len(values)), card.num_classes)
     skipped = list(segments[0].listing.problems)
     extra_cols = [c for c in segments[0].listing.columns if c not in ("path", "label", "score", "confidence")]
     columns = ["path", "label", "score", "confidence", *extra_cols]

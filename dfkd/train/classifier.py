@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
@@ -13,6 +12,7 @@ from torch import nn
 from .. import shards
 from ..cards import build_arch, save_card
 from ..errors import DfkdError
+from ..events import OnEvent
 from ..images import InputSpec, open_labeled
 from ..index import write_index
 from ..io import write_text
@@ -21,13 +21,14 @@ from ..rundir import open_run, write_manifest
 from ..runtime import setup
 from .data import channel_stats, decode_images, split
 from .loop import LoopConfig, accuracy, run_loop
+from .objective import Batch, LoopObjective
 
 
-class CrossEntropy(nn.Module):
-    """Supervised objective: cross-entropy on the labels (teacher unused)."""
+class CrossEntropy(LoopObjective):
+    """Supervised objective: cross-entropy of the model's logits on the labels."""
 
-    def forward(self, student_logits, teacher_logits, labels):
-        return {"loss": nn.functional.cross_entropy(student_logits, labels)}
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return {"loss": nn.functional.cross_entropy(batch.outputs, batch.labels)}
 
 
 @dataclass
@@ -65,7 +66,7 @@ def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConf
                      channels: int | None = None, val_split: float = 0.1, arch_args: dict | None = None,
                      workers: int | None = None, device: str = "auto", stop_after: int | None = None,
                      overwrite: bool = False, tensorboard: bool = False, cache_dir: str | Path | None = None,
-                     on_event: Callable[[dict], None] | None = None) -> TrainResult | None:
+                     on_event: OnEvent | None = None) -> TrainResult | None:
     """Train ``arch`` from scratch on an ImageFolder/index; write ``out/model.yaml``.
 
     Under torchrun: DistributedDataParallel, ``cfg.batch_size`` global; rank 0 returns the result."""

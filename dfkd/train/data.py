@@ -15,6 +15,7 @@ import torch
 
 from ..dist import SINGLE, Ranks
 from ..errors import DfkdError
+from ..events import Decoded, Note, OnEvent
 from ..images import ImageDataset, InputSpec
 from ..runtime import loader
 from .cache import DiskImages, cached_images
@@ -66,23 +67,22 @@ class ImageSet:
 
 def decode_images(paths: Sequence[str], spec: InputSpec, labels: Sequence[int] | None = None, *,
                   workers: int = 0, what: str = "--data", cache_dir: str | Path | None = None,
-                  ranks: Ranks = SINGLE, on_event: Callable[[dict], None] | None = None) -> ImageSet:
+                  ranks: Ranks = SINGLE, on_event: OnEvent | None = None) -> ImageSet:
     """Decode every file once; bad files are left out and listed in ``skipped``.
 
     A set larger than :func:`in_memory_bytes` goes to the on-disk cache under ``cache_dir``
     (built in parallel by the ranks, reused by later runs). ``on_event`` receives the training
-    commands' events: ``decode`` (done, total) and, for the cache, a ``describe`` line naming it."""
+    commands' events (:mod:`dfkd.events`): :class:`Decoded` and, for the cache, a :class:`Note` naming it."""
     labels = list(labels) if labels is not None else [-1] * len(paths)
     size = len(paths) * spec.channels * spec.size[0] * spec.size[1]
-    on_progress = (lambda d, t: on_event({"event": "decode", "done": d, "total": t})) if on_event else None
+    on_progress = (lambda d, t: on_event(Decoded(d, t))) if on_event else None
     if size > in_memory_bytes():
         images, failed = cached_images(paths, spec, cache_dir, workers=workers, ranks=ranks,
                                        on_progress=on_progress)
         if on_event:
-            on_event({"event": "describe", "text": f"{what}: {len(paths)} images in the decoded cache"
-                                                   f" {images.file.parent} ({size / 2**20:,.0f} MiB, over the"
-                                                   f" {in_memory_bytes() / 2**20:,.0f} MiB kept in memory;"
-                                                   " later runs reuse it)"})
+            on_event(Note(f"{what}: {len(paths)} images in the decoded cache {images.file.parent}"
+                          f" ({size / 2**20:,.0f} MiB, over the {in_memory_bytes() / 2**20:,.0f} MiB kept in memory;"
+                          " later runs reuse it)"))
     else:
         images, failed = _decode_in_memory(paths, spec, workers, on_progress)
     ok = torch.ones(len(paths), dtype=torch.bool)

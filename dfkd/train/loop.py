@@ -1,8 +1,9 @@
 """The training loop shared by ``train``, ``distill`` and ``pu-train``.
 
-One step: take a batch of the in-memory training set, augment it on the device, feed the same
-batch to the student (and the frozen teacher), ask the objective for its named losses,
-back-propagate ``loss``. ``last.pt`` is written atomically every ``checkpoint_every`` steps
+One step: take a batch of the training set, augment it on the device, feed the same batch to
+the student (and the frozen teacher), hand the outputs to the objective as a
+:class:`~dfkd.train.objective.Batch` (the contract is in ``objective.py``), back-propagate its
+``loss``. ``last.pt`` is written atomically every ``checkpoint_every`` steps
 and at the end; a run started again with the same command resumes from it and ends with
 the same weights (batches and augmentation are seeded by epoch and step, not by history).
 
@@ -22,18 +23,22 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from ..errors import DfkdError
+from ..events import Event, Logged, OnEvent, Started
 from ..images import InputSpec, normalize
 from ..io import atomic_write
 from ..models.features import FeatureTap
 from ..runtime import Runtime, autocast
+from ..teacher import Teacher
 from .augment import AUGMENTS, augment_batch
 from .data import ImageSet
+from .objective import Batch, LoopObjective
+from .optim import check_optimizer, extra_optimizers, make_optimizer
 
 
 @dataclass
@@ -60,8 +65,7 @@ class LoopConfig:
     def check(self) -> None:
         if self.augment not in AUGMENTS:
             raise DfkdError(f"augment {self.augment!r}: expected one of {', '.join(AUGMENTS)}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise DfkdError(f"optimizer {self.optimizer!r}: expected sgd or adam")
+        check_optimizer(self.optimizer, "optimizer")
         if self.schedule not in ("cosine", "multistep", "constant"):
             raise DfkdError(f"schedule {self.schedule!r}: expected cosine, multistep or constant")
         if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
@@ -134,158 +138,198 @@ def _distributed(module: nn.Module, rt: Runtime, **kw) -> nn.Module:
     return DistributedDataParallel(module, device_ids=[rt.device] if rt.device.type == "cuda" else None, **kw)
 
 
-def run_loop(model: nn.Module, objective: nn.Module, data: ImageSet, spec: InputSpec, cfg: LoopConfig,
-             out: Path, rt: Runtime, *, teacher: nn.Module | None = None,
-             val: ImageSet | None = None, stop_after: int | None = None,
-             extra_optimizers: Sequence[torch.optim.Optimizer] = (), tensorboard: bool = False,
-             on_event: Callable[[dict], None] | None = None) -> LoopResult:
+class _Optimizers:
+    """The model's optimizer (with the objective's ``student_params``) and one per extra group of
+    the objective, all scaled by the schedule; saved and restored together."""
+
+    def __init__(self, model: nn.Module, objective: LoopObjective, cfg: LoopConfig):
+        params = [p for p in model.parameters() if p.requires_grad] + objective.student_params()
+        self.main = make_optimizer(cfg.optimizer, params, cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        self.extras = extra_optimizers(objective)
+        self.bases = [cfg.lr] + [g["lr"] for o in self.extras for g in o.param_groups[:1]]
+
+    @property
+    def all(self) -> list[torch.optim.Optimizer]:
+        return [self.main, *self.extras]
+
+    def set_factor(self, factor: float) -> None:
+        for o, base in zip(self.all, self.bases):
+            for g in o.param_groups:
+                g["lr"] = base * factor
+
+    def step(self, loss: torch.Tensor) -> None:
+        for o in self.all:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in self.all:
+            o.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.main.state_dict(), "extra_optimizers": [o.state_dict() for o in self.extras]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.main.load_state_dict(state["optimizer"])
+        for o, o_state in zip(self.extras, state.get("extra_optimizers", [])):
+            o.load_state_dict(o_state)
+
+
+class _Log:
+    """Rank 0's record of the run: ``metrics.jsonl`` (cut back to the step resumed from), the
+    optional TensorBoard events, and the caller's ``on_event``."""
+
+    def __init__(self, out: Path, step: int, tensorboard: bool, on_event: OnEvent | None, main: bool):
+        self.file, self.board, self.on_event, self.last = None, None, on_event if main else None, {}
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            self.last = _truncate_metrics(out / "metrics.jsonl", step)
+            self.file = open(out / "metrics.jsonl", "a", encoding="utf-8")
+            self.board = _board(out / "tensorboard", step) if tensorboard else None
+
+    def event(self, event: Event) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def record(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.board is not None:
+            for k, v in record.items():
+                if k not in ("step", "epoch"):
+                    self.board.add_scalar(k, v, record["step"])
+            self.board.flush()
+        self.event(Logged(record))
+
+    def close(self) -> None:
+        for f in (self.file, self.board):
+            if f is not None:
+                f.close()
+
+
+class _Meter:
+    """The named losses summed on the device since the last record (no host sync per step),
+    averaged over the steps and ranks when a record is made."""
+
+    def __init__(self, step: int):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.names: list[str] = []
+        self.since, self.seen, self.tick = step, 0, time.perf_counter()
+
+    def add(self, losses: dict[str, torch.Tensor], images: int) -> None:
+        self.names = list(losses)
+        for k, v in losses.items():
+            self.sums[k] = self.sums[k] + v.detach() if k in self.sums else v.detach().float().clone()
+        self.seen += images
+
+    def record(self, step: int, per_epoch: int, lr: float, ranks) -> dict:
+        now = time.perf_counter()
+        keys = sorted(self.sums)
+        steps = max(1, step - self.since)
+        mean = ranks.all_sum(torch.stack([self.sums[k] for k in keys]).float()) / (steps * ranks.world)
+        means = dict(zip(keys, mean.tolist()))
+        if not math.isfinite(means["loss"]):  # checked before anything is saved, on every rank
+            raise DfkdError(f"loss became {means['loss']} before step {step} (lr {lr:.3g});"
+                            " lower --lr, or try --no-amp")
+        record = {"step": step, "epoch": round(step / per_epoch, 3), "lr": lr,
+                  "images_per_s": round(self.seen / max(1e-9, now - self.tick), 1), **{k: means[k] for k in self.names}}
+        self.sums, self.since, self.seen, self.tick = {}, step, 0, now
+        return record
+
+
+def run_loop(model: nn.Module, objective: LoopObjective, data: ImageSet, spec: InputSpec, cfg: LoopConfig,
+             out: Path, rt: Runtime, *, teacher: Teacher | None = None, val: ImageSet | None = None,
+             stop_after: int | None = None, tensorboard: bool = False,
+             on_event: OnEvent | None = None) -> LoopResult:
     """Train ``model`` on ``data`` with ``objective``; checkpoints in ``out/checkpoints``.
 
-    ``extra_optimizers`` step the objective's own parameters (DFND's θ) beside the model's SGD.
-    ``tensorboard``: also write every metrics record to ``out/tensorboard`` (the JSONL stays).
-    """
+    ``teacher``: the frozen teacher whose logits (and, when the objective asks, first member's
+    features) each batch carries. ``tensorboard``: also write every metrics record to
+    ``out/tensorboard`` (the JSONL stays)."""
     cfg.check()
     device, ranks = rt.device, rt.ranks
     if cfg.batch_size < ranks.world:
         raise DfkdError(f"--batch-size {cfg.batch_size}: the global batch must give every one of the"
                         f" {ranks.world} ranks at least one image")
-    ckpt_dir = out / "checkpoints"
     per_epoch = max(1, len(data) // cfg.batch_size)
     total = cfg.steps or cfg.epochs * per_epoch
     model.to(device)
     objective.to(device)
+    frozen = teacher.model if teacher is not None else None
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-        if teacher is not None and not any(isinstance(m, torch.jit.ScriptModule) for m in teacher.modules()):
-            teacher.to(memory_format=torch.channels_last)
+        if frozen is not None and not any(isinstance(m, torch.jit.ScriptModule) for m in frozen.modules()):
+            frozen.to(memory_format=torch.channels_last)
+    if frozen is not None:
+        frozen.eval()
     taps = None
-    if getattr(objective, "needs_features", False):
-        first = teacher.members[0] if hasattr(teacher, "members") else teacher
-        taps = (FeatureTap(model, "the student"), FeatureTap(first, "--teacher"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    params += objective.student_params() if hasattr(objective, "student_params") else []
-    if cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                    nesterov=cfg.nesterov and cfg.momentum > 0)
-    extras = list(extra_optimizers)
-    extra_lrs = [[g["lr"] for g in o.param_groups] for o in extras]
+    if objective.needs_features:
+        if teacher is None:
+            raise ValueError("an objective that needs features needs a teacher")
+        taps = (FeatureTap(model, "the student"), FeatureTap(teacher.members[0], "--teacher"))
+    optimizers = _Optimizers(model, objective, cfg)
+    last_path, best_path = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
     step, best = 0, None
-    last_path = ckpt_dir / "last.pt"
     if last_path.is_file():
         state = torch.load(last_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        for o, o_state in zip(extras, state.get("extra_optimizers", [])):
-            o.load_state_dict(o_state)
+        optimizers.load_state_dict(state)
         step, best = state["step"], state.get("best")
     resumed_from = step
     train_model, train_objective = _distributed(model, rt), _distributed(objective, rt, find_unused_parameters=True)
-    metrics = out / "metrics.jsonl"
-    log, logged, board = None, {}, None
-    if ranks.main:
-        out.mkdir(parents=True, exist_ok=True)
-        logged = _truncate_metrics(metrics, step)
-        log = open(metrics, "a", encoding="utf-8")
-        board = _board(out / "tensorboard", step) if tensorboard else None
 
     def save(path: Path) -> None:
-        if not ranks.main:
-            return
-        state = {"model": model.state_dict(), "objective": objective.state_dict(),
-                 "optimizer": optimizer.state_dict(), "step": step, "best": best, "config": asdict(cfg),
-                 "extra_optimizers": [o.state_dict() for o in extras]}
-        atomic_write(path, lambda f: torch.save(state, f), "wb")
+        if ranks.main:
+            state = {"model": model.state_dict(), "objective": objective.state_dict(), **optimizers.state_dict(),
+                     "step": step, "best": best, "config": asdict(cfg)}
+            atomic_write(path, lambda f: torch.save(state, f), "wb")
 
-    def emit(record: dict) -> None:
-        if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        if board is not None:
-            for k, v in record.items():
-                if k not in ("step", "epoch"):
-                    board.add_scalar(k, v, record["step"])
-            board.flush()
-        if on_event and ranks.main:
-            on_event(record)
-
-    if teacher is not None:
-        teacher.eval()
+    log = _Log(out, step, tensorboard, on_event, ranks.main)
     batches = _Batches(_on_device(data, device), cfg, per_epoch, total, ranks)
-    sums: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
-    seen, tick, record = 0, time.perf_counter(), {}
-    if on_event and ranks.main:
-        on_event({"event": "start", "step": step, "total": total, "per_epoch": per_epoch})
+    meter, record = _Meter(step), {}
+    log.event(Started(step, total, per_epoch))
     try:
         while step < total and (stop_after is None or step < stop_after):
             epoch, i = divmod(step, per_epoch)
             images, y, offset, batch_len = batches.get(step)
-            gen = _generator(cfg.seed, epoch, i, 1)
-            x = augment_batch(images.to(device, non_blocking=True), cfg.augment, cfg.pad, gen,
-                              offset=offset, total=batch_len)
+            x = augment_batch(images.to(device, non_blocking=True), cfg.augment, cfg.pad,
+                              _generator(cfg.seed, epoch, i, 1), offset=offset, total=batch_len)
             x = normalize(x, spec, device, cfg.channels_last)
-            y = y.to(device, non_blocking=True)
-            factor = lr_factor(cfg, step, total)
-            for g in optimizer.param_groups:
-                g["lr"] = cfg.lr * factor
-            for o, bases in zip(extras, extra_lrs):
-                for g, base in zip(o.param_groups, bases):
-                    g["lr"] = base * factor
+            lr = cfg.lr * lr_factor(cfg, step, total)
+            optimizers.set_factor(lr / cfg.lr)
             model.train()
             with autocast(device, cfg.amp):
                 t_logits = None
-                if teacher is not None:
+                if frozen is not None:
                     with torch.no_grad():
-                        t_logits = teacher(x).float()
-                s_logits = train_model(x).float()
-            feats = (taps[0].value, taps[1].value) if taps else ()
-            losses = train_objective(s_logits, t_logits, y, *feats)
-            loss = losses["loss"]
-            for o in (optimizer, *extras):
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            for o in (optimizer, *extras):
-                o.step()
+                        t_logits = frozen(x).float()
+                outputs_ = train_model(x).float()
+            losses = train_objective(Batch(outputs_, y.to(device, non_blocking=True), t_logits,
+                                           (taps[0].value, taps[1].value) if taps else None))
+            optimizers.step(losses["loss"])
             step += 1
-            seen += batch_len
-            for k, v in losses.items():
-                sums[k] = sums[k] + v.detach() if k in sums else v.detach().float().clone()
+            meter.add(losses, batch_len)
             end_of_epoch = step % per_epoch == 0 or step == total
             checkpoint = step % cfg.checkpoint_every == 0 or step == total
             if step % cfg.log_every == 0 or end_of_epoch or checkpoint:
-                now = time.perf_counter()
-                n = max(1, step - (record.get("step", resumed_from)))
-                names = sorted(sums)
-                mean = ranks.all_sum(torch.stack([sums[k] for k in names]).float()) / (n * ranks.world)
-                means = dict(zip(names, mean.tolist()))
-                if not math.isfinite(means["loss"]):  # checked before anything is saved, on every rank
-                    raise DfkdError(f"loss became {means['loss']} before step {step} (lr {cfg.lr * factor:.3g});"
-                                    " lower --lr, or try --no-amp")
-                record = {"step": step, "epoch": round(step / per_epoch, 3), "lr": cfg.lr * factor,
-                          "images_per_s": round(seen / max(1e-9, now - tick), 1),
-                          **{k: means[k] for k in losses}}
-                sums, seen, tick = {}, 0, now
+                record = meter.record(step, per_epoch, lr, ranks)
                 if end_of_epoch and val is not None:
                     record["val_top1"] = accuracy(model, val, spec, device, cfg)
                     if best is None or record["val_top1"] > best["val_top1"]:
                         best = {"step": step, "val_top1": record["val_top1"]}
-                        save(ckpt_dir / "best.pt")
-                emit(record)
+                        save(best_path)
+                log.record(record)
             if checkpoint:
                 save(last_path)
     finally:
         batches.close()
-        if log is not None:
-            log.close()
-        if board is not None:
-            board.close()
+        log.close()
         for tap in taps or ():
             tap.remove()
     if step < total:  # stopped early (stop_after); a finished run saved at its last step
         save(last_path)
-    return LoopResult(step, step / per_epoch, record or logged, best, resumed_from)
+    return LoopResult(step, step / per_epoch, record or log.last, best, resumed_from)
 
 
 def _board(folder: Path, step: int):

@@ -1,0 +1,38 @@
+"""What the training commands report while they run (the CLI turns these into a progress bar).
+
+A callback ``on_event(event)`` receives, in order: :class:`Decoded` while the images are decoded,
+:class:`Note` lines (where the set went, what the objective is), :class:`Started` once the
+loop knows its length, then one :class:`Logged` per metrics record (as in ``metrics.jsonl``).
+Only rank 0 reports.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+
+@dataclass(frozen=True)
+class Decoded:
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Note:
+    text: str
+
+
+@dataclass(frozen=True)
+class Started:
+    step: int  # the step the loop starts at (> 0 on a resume)
+    total: int
+    per_epoch: int
+
+
+@dataclass(frozen=True)
+class Logged:
+    record: dict  # step, epoch, lr, images_per_s, the objective's named losses, val_top1 at epoch ends
+
+
+Event = Union[Decoded, Note, Started, Logged]
+OnEvent = Callable[[Event], None]
