@@ -79,6 +79,8 @@ def perturbed_weights(w: Tensor, eps: float, M: int, mode: str = "box",
     ``mode="box"``: signed w + eps·U[-1,1), clipped to stay positive, renormalised to Σw
     (= K for ``robust_class_weights``), so a perturbation moves weight between classes.
     Noise is drawn on the generator's device (CPU when none is given) and moved to w's.
+    Each call is a new draw: how often to draw is the caller's choice (``RobustKD`` draws the
+    reference set once per run, as the official script does, and a box set every batch).
     """
     if mode not in ("box", "reference"):
         raise ValueError(f"mode must be 'box' or 'reference', got {mode!r}")

@@ -8,6 +8,18 @@ loss l(z) = sigmoid(-z), the unbiased PU risk splits into
     R_n  = mean_U l(-g) - R_p-      negatives, estimated from the unlabeled pool
 
 and the nnPU risk is R_p+ + max(0, R_n).
+
+What is logged against the official PU Compression code (``PULoss`` in its loss.py). Both step
+alike: when R_n < -beta the step ascends on R_n (back-propagates -gamma·R_n), else it descends on
+R_p+ + R_n. They log different values. ``risk`` here is always the nnPU risk of Kiryo et al.
+eq. 6, R_p+ + max(0, R_n). The official forward returns (and its loop logs) R_p+ - beta when
+clipped and R_p+ + R_n otherwise. The official code fixes beta = 0 and gamma = 1, and at beta = 0
+the two values are equal. With beta > 0 they differ whenever R_n < 0: clipped, the official
+value is R_p+ - beta against R_p+ here; with -beta <= R_n < 0, it is R_p+ + R_n against R_p+
+here. The official value is the lower one, by at most beta. dfkd logs eq. 6 because that is
+the quantity the paper defines. ``objective`` is what is stepped on, and ``negative_risk`` is the
+signed R_n, so the official number is ``positive_risk - beta`` if ``clipped`` else
+``positive_risk + negative_risk``.
 """
 from __future__ import annotations
 
@@ -28,12 +40,6 @@ class NnpuRisk:
     positive_risk: Tensor   # R_p+ = pi * mean_P sigmoid(-g)
     negative_risk: Tensor   # R_n = mean_U sigmoid(g) - pi * mean_P sigmoid(g); may be negative
     clipped: bool           # True when R_n < -beta and the step ascends on R_n instead
-
-    def metrics(self) -> dict[str, float]:
-        """Plain floats for metrics.jsonl and progress tables."""
-        return {"objective": float(self.objective.detach()), "risk": float(self.risk),
-                "positive_risk": float(self.positive_risk.detach()),
-                "negative_risk": float(self.negative_risk.detach()), "clipped": float(self.clipped)}
 
 
 def nnpu_risk(g_pos: Tensor, g_unl: Tensor, prior: float, beta: float = 0.0,
