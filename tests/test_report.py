@@ -116,7 +116,12 @@ def test_pipeline_report_from_real_cli_outputs(tmp_path, pattern_folder, random_
                   str(run / "select" / "selected.tsv"), "--method", "kd", "--steps", "2", "--batch-size", "4",
                   "--out", str(run / "distill"), "--workers", "0"],
                  ["eval", "--model", str(run / "distill" / "student.yaml"), "--data", str(pattern_folder),
-                  "--out", str(run / "eval"), "--workers", "0"]):
+                  "--out", str(run / "eval"), "--workers", "0"],
+                 ["pu-train", "--teacher", str(random_teacher), "--positive", str(pattern_folder), "--unlabeled",
+                  str(pattern_folder), "--prior", "0.5", "--steps", "2", "--batch-size", "8", "--out",
+                  str(tmp_path / "pu" / "pu"), "--workers", "0"],
+                 ["expand", "--pu", str(tmp_path / "pu" / "pu" / "pu.yaml"), "--positive", str(pattern_folder),
+                  "--unlabeled", str(pattern_folder), "--out", str(tmp_path / "pu" / "expand"), "--workers", "0"]):
         res = runner.invoke(app, args)
         assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["report", str(run)])
@@ -124,3 +129,11 @@ def test_pipeline_report_from_real_cli_outputs(tmp_path, pattern_folder, random_
     page = (run / "report.html").read_text()
     assert page.index("step select") < page.index("step distill") < page.index("step eval")
     assert "teacher against student" in page and "student.yaml" in page and "bars_h" in page
+    # one manifest scheme: every command names its teacher card teacher0, with its hash
+    for step in (run / "select", run / "distill", tmp_path / "pu" / "pu", tmp_path / "pu" / "expand"):
+        inputs = json.loads((step / "manifest.json").read_text())["inputs"]
+        assert inputs["teacher0"]["path"] == str(random_teacher.resolve()), step
+        assert len(inputs["teacher0"]["sha256"]) == 64
+    res = runner.invoke(app, ["report", str(tmp_path / "pu")])
+    assert res.exit_code == 0, res.output
+    assert "step expand" in (tmp_path / "pu" / "report.html").read_text()
