@@ -14,7 +14,7 @@
    and from the cache (already built by a first run); training images/s is the mean of
    metrics.jsonl's ``images_per_s``. Goal: the cache at ≥ 0.9 of memory.
 
-    python bench/train_cache.py [--sizes 10000,40000] [--work runs/bench-cache] \\
+    python bench/train_cache.py [--sizes 10000,40000] [--memory-up-to N] [--work runs/bench-cache] \\
         [--data runs/demo/select/selected.tsv --teacher runs/demo/teacher/model.yaml]
 """
 from __future__ import annotations
@@ -59,6 +59,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10000,40000")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--memory-up-to", type=int, default=10**9,
+                    help="run the in-memory comparison only for sets up to this many images")
     ap.add_argument("--work", type=Path, default=Path("runs/bench-cache"))
     ap.add_argument("--data", help="a training set for the speed comparison (e.g. the demo's selection)")
     ap.add_argument("--teacher", help="its teacher card")
@@ -74,7 +76,7 @@ def main() -> int:
             pool = make_pool(work / f"pool-{n}", n, size=SIZE, channels=3, verbose=False)
             common = ["--teacher", str(card), "--student", "resnet8", "--data", str(pool), "--method", "kd",
                       "--steps", str(a.steps), "--batch-size", "128", "--cache-dir", str(cache)]
-            t_mem, rss_mem = run(common, work / f"mem-{n}", memory)
+            t_mem, rss_mem = run(common, work / f"mem-{n}", memory) if n <= a.memory_up_to else (float("nan"), 0)
             shutil.rmtree(cache, ignore_errors=True)
             t_build, rss_build = run(common, work / f"build-{n}", disk)  # decodes into the cache, then trains
             t_disk, rss_disk = run(common, work / f"disk-{n}", disk)  # reuses it

@@ -18,7 +18,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from . import shards
 from .errors import DfkdError
-from .index import Index, read_index
+from .index import Index, Rows, open_index
 from .pool import pool_rows, walk_files
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -173,10 +173,20 @@ def open_pool(path: str | Path, flag: str = "--pool") -> Index:
     """A pool: a directory scanned recursively (every file is tried) or an index file."""
     path, problems = Path(path), []
     columns, rows = pool_rows(path, flag, problems)
-    index = Index(columns, list(rows), path, problems)
-    if not index.rows:
-        raise DfkdError(f"{flag} {path}: the pool is empty (no files found)")
-    return index
+    return _nonempty(Index(columns, list(rows), path, problems), flag)
+
+
+def pool_paths(path: str | Path, flag: str = "--pool") -> Rows:
+    """:func:`open_pool` as compact :class:`Rows` (paths and labels only), for sets of any size."""
+    path, problems = Path(path), []
+    columns, rows = pool_rows(path, flag, problems)
+    return _nonempty(Rows.collect(columns, rows, path, problems), flag)
+
+
+def _nonempty(rows, flag: str):
+    if not len(rows):
+        raise DfkdError(f"{flag} {rows.source}: the pool is empty (no files found)")
+    return rows
 
 
 def open_labeled(path: str | Path, classes: Sequence[str] | None = None,
@@ -186,13 +196,30 @@ def open_labeled(path: str | Path, classes: Sequence[str] | None = None,
     Returns the index (with integer labels) and the class names. With ``classes`` given (from a
     model card), folder names are mapped onto them.
     """
-    path = Path(path)
+    columns, rows, names, problems = _labeled_rows(Path(path), classes, flag)
+    index = Index(columns, list(rows), Path(path), problems)
+    if not index.rows and not Path(path).is_file():
+        raise DfkdError(f"{flag} {path}: no image files in the class folders")
+    return index, names
+
+
+def labeled_paths(path: str | Path, classes: Sequence[str] | None = None,
+                  flag: str = "--data") -> tuple[Rows, list[str]]:
+    """:func:`open_labeled` as compact :class:`Rows`, for sets of any size."""
+    columns, rows, names, problems = _labeled_rows(Path(path), classes, flag)
+    found = Rows.collect(columns, rows, Path(path), problems)
+    if not len(found) and not Path(path).is_file():
+        raise DfkdError(f"{flag} {path}: no image files in the class folders")
+    return found, names
+
+
+def _labeled_rows(path: Path, classes: Sequence[str] | None, flag: str):
+    """(columns, streamed rows, class names, problems) of an index with ``label`` or a class-folder tree."""
     if path.is_file():
-        index = read_index(path)
-        if "label" not in index.columns:
+        columns, rows = open_index(path)
+        if "label" not in columns:
             raise DfkdError(f"{flag} {path}: index has no 'label' column")
-        names = list(classes) if classes else []
-        return index, names
+        return columns, rows, list(classes) if classes else [], []
     if not path.is_dir():
         raise DfkdError(f"{flag} {path}: no such directory or index file")
     folders = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -204,7 +231,5 @@ def open_labeled(path: str | Path, classes: Sequence[str] | None = None,
         raise DfkdError(f"{flag} {path}: folder(s) {', '.join(unknown)} are not classes of the model"
                         f" ({', '.join(names)})")
     problems: list[dict] = []
-    rows = [{"path": p, "label": str(names.index(f))} for f in folders for p in walk_files(path / f, problems)]
-    if not rows:
-        raise DfkdError(f"{flag} {path}: no image files in the class folders")
-    return Index(["path", "label"], rows, path, problems), names
+    rows = ({"path": p, "label": str(names.index(f))} for f in folders for p in walk_files(path / f, problems))
+    return ["path", "label"], rows, names, problems

@@ -7,9 +7,12 @@ absolute or relative to the index file's directory; optional ``label`` (int, -1 
 from __future__ import annotations
 
 import os
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence, overload
+
+import numpy as np
 
 from .errors import DfkdError
 from .io import atomic_write
@@ -36,6 +39,91 @@ class Index:
         if "label" not in self.columns:
             return [-1] * len(self.rows)
         return [parse_label(r.get("label", ""), self.source, i) for i, r in enumerate(self.rows)]
+
+
+class PathArray(Sequence[str]):
+    """Many paths in one UTF-8 buffer: about the path's length plus 16 bytes each, where a list
+    of ``str`` costs about 60 more and an index row's dict several hundred. Positions index it;
+    :meth:`take` selects rows without copying the text. Undecodable file names round-trip
+    (``surrogateescape``)."""
+
+    def __init__(self, blob: bytes, starts: np.ndarray, ends: np.ndarray):
+        self.blob, self.starts, self.ends = blob, starts, ends
+
+    @classmethod
+    def build(cls, paths: Iterable[str]) -> "PathArray":
+        blob, ends = bytearray(), array("q")
+        for p in paths:
+            blob += p.encode("utf-8", "surrogateescape")
+            ends.append(len(blob))
+        end = np.array(ends, dtype=np.int64)
+        start = np.empty_like(end)
+        start[1:] = end[:-1]
+        start[:1] = 0
+        return cls(bytes(blob), start, end)
+
+    @classmethod
+    def of(cls, paths: Sequence[str]) -> "PathArray":
+        """``paths`` as a PathArray (itself if it is one)."""
+        return paths if isinstance(paths, PathArray) else cls.build(paths)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> "PathArray": ...
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return PathArray(self.blob, self.starts[i], self.ends[i])
+        return self.blob[self.starts[i]:self.ends[i]].decode("utf-8", "surrogateescape")
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> "PathArray":
+        idx = np.asarray(idx, dtype=np.int64)
+        return PathArray(self.blob, self.starts[idx], self.ends[idx])
+
+    def __add__(self, other: "PathArray") -> "PathArray":
+        shift = len(self.blob)
+        return PathArray(self.blob + other.blob, np.concatenate([self.starts, other.starts + shift]),
+                         np.concatenate([self.ends, other.ends + shift]))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+
+@dataclass
+class Rows:
+    """A training set's rows without a dict per row (what train, distill and pu-train keep):
+    the paths, integer labels (−1 = unknown) and the problems met while listing them."""
+
+    paths: PathArray
+    labels: np.ndarray  # int64
+    source: Path | None = None
+    problems: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @classmethod
+    def collect(cls, columns: Sequence[str], rows: Iterable[dict], source: Path | None,
+                problems: list[dict] | None = None) -> "Rows":
+        """Stream ``rows`` (as an index yields them) into a compact set; no row dict is kept."""
+        labeled, labels = "label" in columns, array("q")
+
+        def paths() -> Iterator[str]:
+            for i, r in enumerate(rows):
+                labels.append(parse_label(r.get("label", ""), source, i) if labeled else -1)
+                yield r["path"]
+
+        built = PathArray.build(paths())
+        return cls(built, np.array(labels, dtype=np.int64), source, list(problems or []))
+
+    def __add__(self, other: "Rows") -> "Rows":
+        return Rows(self.paths + other.paths, np.concatenate([self.labels, other.labels]), self.source,
+                    self.problems + other.problems)
 
 
 def parse_label(text: str, source: Path | None, row: int) -> int:

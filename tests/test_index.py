@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dfkd.errors import DfkdError
@@ -45,3 +46,38 @@ def test_missing_index_and_tab_in_path(tmp_path: Path):
     with pytest.raises(DfkdError, match="tab or newline"):
         write_index(tmp_path / "o.tsv", [{"path": "/a\tb.png"}], ["path"])
     assert not (tmp_path / "o.tsv").exists()  # atomic: nothing half-written
+
+
+def test_path_array_round_trips_selects_and_costs_the_text_plus_16_bytes(tmp_path):
+    import pickle
+
+    from dfkd.index import PathArray
+
+    paths = [f"/pool/{i % 7}/image \udcff {i}.png" for i in range(1000)] + ["", "/ü.jpg"]
+    a = PathArray.build(paths)
+    assert list(a) == paths and len(a) == len(paths) and a[1001] == "/ü.jpg" and a[1000] == ""
+    assert list(a[10:20]) == paths[10:20] and list(a.take([5, 5, 0])) == [paths[5], paths[5], paths[0]]
+    assert list(a + a[:2]) == paths + paths[:2] and list(pickle.loads(pickle.dumps(a))) == paths
+    assert a == paths and a != paths[:-1] and PathArray.of(a) is a and len(PathArray.build([])) == 0
+    text = sum(len(p.encode("utf-8", "surrogateescape")) for p in paths)
+    assert len(a.blob) + a.starts.nbytes + a.ends.nbytes == text + 16 * len(paths)
+    assert a.take(np.arange(0, 1000, 2)).blob is a.blob  # selecting copies no text
+
+
+def test_rows_stream_an_index_into_paths_and_labels(tmp_path):
+    from dfkd.images import labeled_paths, pool_paths
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    index = tmp_path / "i.tsv"
+    index.write_text("path\tlabel\tscore\na.png\t3\t0.5\nb.png\t\t0.1\n")
+    rows = pool_paths(index, "--data")
+    assert list(rows.paths) == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    assert rows.labels.tolist() == [3, -1] and rows.labels.dtype == np.int64
+    both = rows + pool_paths(tmp_path / "i.tsv", "--data")
+    assert len(both) == 4 and both.labels.tolist() == [3, -1, 3, -1]
+    (tmp_path / "bad.tsv").write_text("path\tlabel\na.png\tcat\n")
+    with pytest.raises(DfkdError, match="row 2: label 'cat'"):
+        pool_paths(tmp_path / "bad.tsv", "--data")
+    (tmp_path / "nolabel.tsv").write_text("path\na.png\n")
+    with pytest.raises(DfkdError, match="no 'label' column"):
+        labeled_paths(tmp_path / "nolabel.tsv")

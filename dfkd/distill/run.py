@@ -17,8 +17,8 @@ import yaml
 from ..cards import ModelCard, build_arch, load_card, load_model, save_card
 from ..errors import DfkdError
 from ..events import Note, OnEvent
-from ..images import open_labeled, open_pool
-from ..index import Index, write_index
+from ..images import labeled_paths, pool_paths
+from ..index import Rows, write_index
 from ..io import write_json, write_text
 from ..models.features import classifier_layer
 from ..pool import data_digest
@@ -61,15 +61,10 @@ class DistillResult:
     skipped: int
 
 
-def read_data(paths: Sequence[str | Path]) -> Index:
-    """Concatenate the rows of one or more index files (or pool directories)."""
-    rows, columns, problems = [], ["path"], []
-    for p in paths:
-        index = open_pool(p, flag="--data")
-        rows += index.rows
-        problems += index.problems
-        columns += [c for c in index.columns if c not in columns]
-    return Index(columns, rows, problems=problems)
+def read_data(paths: Sequence[str | Path]) -> Rows:
+    """The paths and labels of one or more index files (or pools), concatenated, compact."""
+    rows = [pool_paths(p, flag="--data") for p in paths]
+    return sum(rows[1:], rows[0])
 
 
 def _finite_teacher(teacher: torch.nn.Module, data: ImageSet, card: ModelCard, device: torch.device,
@@ -127,7 +122,7 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Seque
     loop.check()
     rt = setup(device, loop.amp, workers, training=True)
     loop.amp = rt.amp
-    index = read_data(data)
+    rows = read_data(data)
     info = {**ensemble_accuracy(teachers), "class_counts": None, "teacher_card": str(card.path)}
     # checked before any image is decoded; the objective is built once the data's class counts are known
     options = objective_options(method, card.num_classes, obj_cfg, info)
@@ -146,12 +141,12 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Seque
         run.claim(identity, overwrite)
         val = None
         if eval_data is not None:
-            v_index, _ = open_labeled(eval_data, card.classes, flag="--eval-data")
-            val = decode_images(v_index.paths, card.input, v_index.labels(), workers=rt.workers, what="--eval-data",
+            v_rows, _ = labeled_paths(eval_data, card.classes, flag="--eval-data")
+            val = decode_images(v_rows.paths, card.input, v_rows.labels, workers=rt.workers, what="--eval-data",
                                 cache_dir=cache_dir, ranks=rt.ranks)
-        train = decode_images(index.paths, card.input, index.labels(), workers=rt.workers, what="--data",
+        train = decode_images(rows.paths, card.input, rows.labels, workers=rt.workers, what="--data",
                               cache_dir=cache_dir, ranks=rt.ranks, on_event=on_event)
-        train.skipped = index.problems + train.skipped
+        train.skipped = rows.problems + train.skipped
         train, counts = _finite_teacher(teacher.model, train, card, rt.device, loop)
         info["class_counts"] = counts.tolist()
         if rt.ranks.main:

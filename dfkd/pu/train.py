@@ -13,13 +13,14 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 from ..cards import ModelCard, build_arch, load_card, read_state_dict
 from ..errors import DfkdError
 from ..events import OnEvent
-from ..images import open_pool
+from ..images import pool_paths
 from ..index import write_index
 from ..io import atomic_write, write_text
 from ..pool import data_digest
@@ -151,22 +152,22 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
     if arch == teacher.arch and teacher.weights:
         report = load_backbone_weights(model.backbone, read_state_dict(teacher.weights))
         loaded, keys = report.matched, report.total
-    pos_index, unl_index = open_pool(positive, "--positive"), open_pool(unlabeled, "--unlabeled")
+    positives, pool = pool_paths(positive, "--positive"), pool_paths(unlabeled, "--unlabeled")
     spec = teacher.input
     options = asdict(cfg)
     with open_run(out, "pu-train", rt.ranks) as run:
         run.claim({"teacher": card_digest(teacher), "positive": data_digest(positive),
                    "unlabeled": data_digest(unlabeled), "config": options}, overwrite)
         # one decoded set (in memory or the on-disk cache): the positives first, then the pool
-        both = decode_images(pos_index.paths + unl_index.paths, spec, [1] * len(pos_index) + [0] * len(unl_index),
-                             workers=rt.workers, what="--positive and --unlabeled", cache_dir=cache_dir,
-                             ranks=rt.ranks, on_event=on_event)
+        labels = np.concatenate([np.ones(len(positives), np.int64), np.zeros(len(pool), np.int64)])
+        both = decode_images(positives.paths + pool.paths, spec, labels, workers=rt.workers,
+                             what="--positive and --unlabeled", cache_dir=cache_dir, ranks=rt.ranks, on_event=on_event)
         is_pos = both.labels == 1
-        for flag, index, rows in (("--positive", pos_index, is_pos), ("--unlabeled", unl_index, ~is_pos)):
-            if not bool(rows.any()):
-                raise DfkdError(f"{flag} {index.source}: none of the {len(index)} images could be decoded")
+        for flag, listed, decoded in (("--positive", positives, is_pos), ("--unlabeled", pool, ~is_pos)):
+            if not bool(decoded.any()):
+                raise DfkdError(f"{flag} {listed.source}: none of the {len(listed)} images could be decoded")
         pos_rows, unl_rows = is_pos.nonzero().squeeze(1), (~is_pos).nonzero().squeeze(1)  # positions in both
-        skipped = pos_index.problems + unl_index.problems + both.skipped
+        skipped = positives.problems + pool.problems + both.skipped
         if rt.ranks.main:
             write_index(out / "skipped.tsv", skipped, ["path", "reason"])
             write_text(out / "config.yaml", yaml.safe_dump(options, sort_keys=False))  # the resolved config
@@ -194,7 +195,7 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
         card_path = write_text(out / "pu.yaml", yaml.safe_dump({k: v for k, v in card.items() if v is not None},
                                                                sort_keys=False))
         write_manifest(out, "pu-train", {**options, "positive_repeat": repeat},
-                       {**teacher_inputs([teacher]), "positive": pos_index.source, "unlabeled": unl_index.source},
+                       {**teacher_inputs([teacher]), "positive": positives.source, "unlabeled": pool.source},
                        summary={"heldout_positive_recall": recall, "pool_positive_share": share,
                                 "teacher_keys_loaded": loaded, "backbone_keys": keys})
         return PuResult(card_path, result.steps, loaded, keys, recall, share, prior, len(fit), len(unl_rows),

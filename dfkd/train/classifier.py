@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 import yaml
 from PIL import Image
@@ -13,7 +15,7 @@ from .. import shards
 from ..cards import build_arch, save_card
 from ..errors import DfkdError
 from ..events import OnEvent
-from ..images import InputSpec, open_labeled
+from ..images import InputSpec, labeled_paths
 from ..index import write_index
 from ..io import write_text
 from ..pool import data_digest
@@ -41,7 +43,7 @@ class TrainResult:
     resumed_from: int
 
 
-def infer_spec(paths: list[str], size: int | None, channels: int | None) -> InputSpec:
+def infer_spec(paths: Sequence[str], size: int | None, channels: int | None) -> InputSpec:
     """Size and channels from the flags, else from the first decodable image (grey -> 1 channel)."""
     if size is not None and size < 1:
         raise DfkdError(f"--size {size}: must be at least 1")
@@ -74,23 +76,25 @@ def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConf
     cfg.check()
     rt = setup(device, cfg.amp, workers, training=True)
     cfg = replace(cfg, amp=rt.amp)
-    index, classes = open_labeled(data)
-    labels = index.labels()
-    if min(labels) < 0:
+    rows, classes = labeled_paths(data)
+    labels = rows.labels
+    if not len(rows):
+        raise DfkdError(f"--data {data}: the index has no rows")
+    if labels.min() < 0:
         raise DfkdError(f"--data {data}: some rows have no label (-1)")
-    num_classes = len(classes) or max(labels) + 1
-    empty = sorted(set(range(num_classes)) - set(labels))
+    num_classes = len(classes) or int(labels.max()) + 1
+    empty = np.flatnonzero(np.bincount(labels, minlength=num_classes) == 0).tolist()
     if not classes and empty:
-        raise DfkdError(f"--data {data}: labels must be 0..K-1; label {max(labels)} leaves class(es)"
+        raise DfkdError(f"--data {data}: labels must be 0..K-1; label {labels.max()} leaves class(es)"
                         f" {', '.join(map(str, empty[:5]))}{' ...' if len(empty) > 5 else ''} without images")
-    spec = infer_spec(index.paths, size, channels)
+    spec = infer_spec(rows.paths[:50], size, channels)
     build_arch(arch, num_classes, spec.channels, arch_args)  # fail on a bad arch before decoding
     with open_run(out, "train", rt.ranks) as run:
         run.claim({"arch": arch, "arch_args": arch_args, "data": data_digest(data), "size": size,
                    "channels": channels, "val_split": val_split, "config": asdict(cfg)}, overwrite)
-        full = decode_images(index.paths, spec, labels, workers=rt.workers, what="--data", cache_dir=cache_dir,
+        full = decode_images(rows.paths, spec, labels, workers=rt.workers, what="--data", cache_dir=cache_dir,
                              ranks=rt.ranks, on_event=on_event)
-        full.skipped = index.problems + full.skipped
+        full.skipped = rows.problems + full.skipped
         spec.mean, spec.std = channel_stats(full)
         train, val = split(full, val_split, cfg.seed) if val_split > 0 else (full, None)
         torch.manual_seed(cfg.seed)

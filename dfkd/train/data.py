@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from ..dist import SINGLE, Ranks
 from ..errors import DfkdError
 from ..events import Decoded, Note, OnEvent
 from ..images import ImageDataset, InputSpec
+from ..index import PathArray
 from ..runtime import loader
 from .cache import DiskImages, cached_images
 
@@ -39,7 +41,7 @@ class ImageSet:
 
     images: torch.Tensor | DiskImages
     labels: torch.Tensor
-    paths: list[str]
+    paths: PathArray
     skipped: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -61,7 +63,7 @@ class ImageSet:
     def subset(self, idx: torch.Tensor, skipped: list[dict] | None = None) -> "ImageSet":
         """The images at positions ``idx`` (repeats allowed); on disk, nothing is copied."""
         images = self.images.subset(idx) if self.on_disk else self.images[idx]
-        return ImageSet(images, self.labels[idx], [self.paths[i] for i in idx.tolist()],
+        return ImageSet(images, self.labels[idx], self.paths.take(idx.cpu().numpy()),
                         self.skipped if skipped is None else skipped)
 
 
@@ -73,7 +75,9 @@ def decode_images(paths: Sequence[str], spec: InputSpec, labels: Sequence[int] |
     A set larger than :func:`in_memory_bytes` goes to the on-disk cache under ``cache_dir``
     (built in parallel by the ranks, reused by later runs). ``on_event`` receives the training
     commands' events (:mod:`dfkd.events`): :class:`Decoded` and, for the cache, a :class:`Note` naming it."""
-    labels = list(labels) if labels is not None else [-1] * len(paths)
+    paths = PathArray.of(paths)
+    labels = torch.as_tensor(np.asarray(labels, dtype=np.int64)) if labels is not None else \
+        torch.full((len(paths),), -1, dtype=torch.long)
     size = len(paths) * spec.channels * spec.size[0] * spec.size[1]
     on_progress = (lambda d, t: on_event(Decoded(d, t))) if on_event else None
     if size > in_memory_bytes():
@@ -92,7 +96,7 @@ def decode_images(paths: Sequence[str], spec: InputSpec, labels: Sequence[int] |
     if len(keep) == 0:
         raise DfkdError(f"{what}: none of the {len(paths)} images could be decoded"
                         f" (first: {skipped[0]['path']}: {skipped[0]['reason']})")
-    full = ImageSet(images, torch.tensor(labels, dtype=torch.long), list(paths))
+    full = ImageSet(images, labels, paths)
     return full if len(keep) == len(paths) else full.subset(keep, skipped)
 
 
