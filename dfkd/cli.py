@@ -350,12 +350,13 @@ def pu_train(
 ) -> None:
     """Train the PU classifier (nnPU risk, multi-scale SE features) of PU Compression."""
     from .config import resolve_config
-    from .pu.train import default_config, pu_train as run_pu
+    from .pu.train import PuConfig, default_config, pu_train as run_pu
 
     cfg = resolve_config(default_config(), config, set_, _loop_flags(
         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, seed=seed, positive_share=positive_share,
         **{"nnpu.prior": prior, "nnpu.beta": beta, "nnpu.gamma": gamma, "model.backbone": backbone,
            "model.taps": taps, "model.reduction": reduction}))
+    PuConfig(**cfg).check()  # a bad value fails before the table is printed
     card = _card(teacher)
     err.print(table("config", ["key", "value"], cfg.items()))
     with _training_progress() as on_event:
