@@ -108,3 +108,16 @@ def test_tensorboard_logs_the_metrics_and_a_resume_drops_the_redone_steps(tmp_pa
     logged = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e.value for e in events.Scalars("loss")] == pytest.approx(logged, rel=1e-6)
     assert yaml.safe_load((out / "config.yaml").read_text())["steps"] == 6  # the resolved config, as distill
+
+
+def test_train_resumes_only_with_the_same_config_and_names_the_key(tmp_path: Path, pattern_folder: Path):
+    runner = CliRunner()
+    base = ["train", "--arch", "resnet8", "--data", str(pattern_folder), "--out", str(tmp_path / "run"),
+            "--steps", "2", "--batch-size", "4", "--workers", "0", "--no-amp"]
+    assert runner.invoke(app, base).exit_code == 0
+    res = runner.invoke(app, [*base, "--lr", "0.05"])
+    assert res.exit_code == 2 and "other inputs (config.lr)" in res.stderr, res.output
+    res = runner.invoke(app, [*base, "--set", "schedule=multistep"])
+    assert res.exit_code == 2 and "config.schedule" in res.stderr
+    again = runner.invoke(app, base)  # the same config: the finished run is found, nothing retrained
+    assert again.exit_code == 0 and "resumed from step" in again.stderr
