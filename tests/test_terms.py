@@ -19,7 +19,10 @@ from torch import nn
 from dfkd.teacher import TeacherEnsemble, adapt_input, ensemble_logits
 from dfkd.distill.objectives import build_objective, make_extra_optimizers
 from dfkd.train.objective import Batch
-from dfkd.distill.terms import TERM_DEFAULTS, WithTerms, align_loss, correlation_loss, discriminator_losses
+from dfkd.distill.terms import (TERM_DEFAULTS, WithTerms, align_loss, correlation_loss, discriminator_losses,
+                               online_keep)
+from dfkd.errors import DfkdError
+from dfkd.select.scores import noise_value
 from dfkd.images import InputSpec
 
 G = json.loads((Path(__file__).parent / "fixtures" / "terms_golden.json").read_text())
@@ -95,3 +98,28 @@ def test_h_and_discriminator_train():
     assert set(out) >= {"loss", "kd", "align", "correlation", "disc", "fool"}
     assert not torch.equal(h0, obj.h[0].weight) and not torch.equal(d0, obj.disc[0].weight)
     assert float(out["align"] + out["correlation"]) < first  # h learns to match the teacher's features
+
+
+def test_online_selection_trains_on_the_lowest_noise_share_of_each_batch():
+    torch.manual_seed(0)
+    t_logits = torch.randn(10, 4) * torch.linspace(0.1, 5, 10)[:, None]  # later rows more confident
+    s_logits = torch.randn(10, 4, requires_grad=True)
+    labels = torch.full((10,), -1)
+    keep = {k: dict(v) for k, v in TERM_DEFAULTS.items()}
+    keep["online"]["keep"] = 0.3
+    online = WithTerms(build_objective("kd", 4), 4, keep)
+    rows = online_keep(t_logits, 0.3)
+    noise = noise_value(t_logits)
+    assert len(rows) == 3 and set(rows.tolist()) == set(noise.argsort()[:3].tolist())
+    out = online(Batch(s_logits, labels, t_logits))
+    plain = WithTerms(build_objective("kd", 4), 4)(Batch(s_logits[rows], labels[rows], t_logits[rows]))
+    assert torch.equal(out["loss"], plain["loss"])  # the KD of the kept rows, nothing else
+    out["loss"].backward()
+    touched = (s_logits.grad.abs().sum(1) > 0).nonzero().squeeze(1)
+    assert sorted(touched.tolist()) == sorted(rows.tolist())  # the other rows get no gradient
+    assert "online selection" in online.describe() and "online" not in WithTerms(build_objective("kd", 4), 4).describe()
+    assert len(online_keep(t_logits[:1], 0.01)) == 1  # never an empty batch
+    for bad in (0, 1.5, True):
+        keep["online"]["keep"] = bad
+        with pytest.raises(DfkdError, match="online.keep"):
+            WithTerms(build_objective("kd", 4), 4, keep)

@@ -41,6 +41,7 @@ class DistillConfig(LoopConfig):
     align: dict = field(default_factory=lambda: dict(TERM_DEFAULTS["align"]))
     correlation: dict = field(default_factory=lambda: dict(TERM_DEFAULTS["correlation"]))
     discriminator: dict = field(default_factory=lambda: dict(TERM_DEFAULTS["discriminator"]))
+    online: dict = field(default_factory=lambda: dict(TERM_DEFAULTS["online"]))
 
 
 def default_config() -> dict:

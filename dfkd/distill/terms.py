@@ -1,5 +1,6 @@
 """Terms added to any KD objective: MLKD's feature alignment and correlation, MEAL V2's
-discriminator. ``WithTerms`` wraps an objective and adds the weighted terms to its loss.
+discriminator; and online selection. ``WithTerms`` wraps an objective and adds the weighted
+terms to its loss.
 
 * align (MLKD, Eq. 3): ‖ĥ(f_S) − f̂_T‖² averaged over the batch, ĥ = L2-normalised h(f_S),
   h a two-layer MLP (its hidden width matters, says the paper), f̂_T the normalised teacher
@@ -8,14 +9,22 @@ discriminator. ``WithTerms`` wraps an objective and adds the weighted terms to i
   through h); KL(A_T rows ‖ A_S rows), averaged over the rows.
 * discriminator (MEAL V2, Sec. 3.3): a 3-layer MLP D on the softmax vectors learns teacher = 1,
   student = 0 (its own Adam); the student adds BCE(D(p_S), 1) to fool it.
+* online selection (DFND's selection done per batch, as MMRazor's DFND implementation does):
+  with ``online.keep`` = f < 1, every loss is computed on the ⌈f·B⌉ images of the batch with the
+  lowest teacher noise value V(x) (the ``noise`` scorer of ``dfkd select``); the others only pass
+  through the networks. A whole pool can then be distilled on, filtered batch by batch.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..errors import DfkdError
+from ..select.scores import noise_value
 from ..train.objective import Batch, LoopObjective
 from .objectives import Objective
 
@@ -64,7 +73,14 @@ TERM_DEFAULTS = {
     "align": {"weight": 0.0, "hidden": 256},
     "correlation": {"weight": 0.0, "tau": 0.5},
     "discriminator": {"weight": 0.0, "hidden": 256, "lr": 1e-4},
+    "online": {"keep": 1.0},
 }
+
+
+def online_keep(teacher_logits: torch.Tensor, keep: float) -> torch.Tensor:
+    """Positions of the ⌈keep·B⌉ images with the lowest noise value (ties: the earlier image)."""
+    n = max(1, math.ceil(keep * len(teacher_logits)))
+    return torch.sort(noise_value(teacher_logits.float().detach()), stable=True).indices[:n]
 
 
 class WithTerms(LoopObjective):
@@ -75,7 +91,10 @@ class WithTerms(LoopObjective):
     def __init__(self, base: Objective, num_classes: int, terms: dict | None = None, student_dim: int | None = None,
                  teacher_dim: int | None = None):
         super().__init__()
-        terms = terms or TERM_DEFAULTS
+        terms = {**TERM_DEFAULTS, **(terms or {})}
+        keep = terms["online"]["keep"]
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+            raise DfkdError(f"--set online.keep={keep!r}: must be in (0, 1] (the share of every batch trained on)")
         self.base, self.terms = base, terms
         self.needs_features = terms["align"]["weight"] > 0 or terms["correlation"]["weight"] > 0
         self.h = mlp([student_dim, int(terms["align"]["hidden"]), teacher_dim]) if self.needs_features else None
@@ -83,11 +102,15 @@ class WithTerms(LoopObjective):
         self.disc = mlp([num_classes, int(d["hidden"]), int(d["hidden"]), 1]) if d["weight"] > 0 else None
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        s_logits, t_logits = batch.outputs, batch.teacher_logits
-        out = dict(self.base(s_logits, t_logits, batch.labels))
+        s_logits, t_logits, labels, features = batch.outputs, batch.teacher_logits, batch.labels, batch.features
+        if self.terms["online"]["keep"] < 1:
+            rows = online_keep(t_logits, self.terms["online"]["keep"])
+            s_logits, t_logits, labels = s_logits[rows], t_logits[rows], labels[rows]
+            features = tuple(f[rows] for f in features) if features is not None else None
+        out = dict(self.base(s_logits, t_logits, labels))
         loss = out["loss"]
         if self.h is not None:
-            s_feat, t_feat = batch.features
+            s_feat, t_feat = features
             proj, t_feat = self.h(s_feat.float()), t_feat.float().detach()
             for name, fn in (("align", lambda: align_loss(proj, t_feat)),
                              ("correlation", lambda: correlation_loss(proj, t_feat, self.terms["correlation"]["tau"]))):
@@ -112,5 +135,7 @@ class WithTerms(LoopObjective):
         return groups
 
     def describe(self) -> str:
-        on = [f"{k} ×{v['weight']:g}" for k, v in self.terms.items() if v["weight"] > 0]
-        return self.base.describe() + (f"; plus {', '.join(on)}" if on else "")
+        on = [f"{k} ×{v['weight']:g}" for k, v in self.terms.items() if v.get("weight", 0) > 0]
+        keep = self.terms["online"]["keep"]
+        online = f"; on the {keep:.0%} of each batch with the lowest noise value (online selection)" if keep < 1 else ""
+        return self.base.describe() + (f"; plus {', '.join(on)}" if on else "") + online
