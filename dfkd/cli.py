@@ -134,6 +134,14 @@ def select(
     per_class: bool = typer.Option(True, "--per-class/--global",
                                    help="Balanced quota per predicted class (default) or the paper's global top-k."),
     score: str = typer.Option("noise", help="Scorer: noise (DFND), entropy, energy, random."),
+    policy: Optional[str] = typer.Option(None, help="Policy (dfkd list policies); overrides --per-class/--global:"
+                                                    " e.g. diverse (per-class, spread over k-means clusters)."),
+    dedup: str = typer.Option("near", help="Before the budget is spent, drop duplicates: near (the same bytes,"
+                                           " or thumbnails with cosine >= --near-duplicate), exact (the same"
+                                           " bytes), off. Dropped rows are listed in duplicates.tsv."),
+    near_duplicate: Optional[float] = typer.Option(None, "--near-duplicate",
+                                                   help="Cosine of two images' 8x8 thumbnails from which they count"
+                                                        " as near duplicates (default 0.995)."),
     batch_size: int = typer.Option(256, help="Images per batch (per rank under torchrun)."),
     shard: Optional[str] = typer.Option(None, help="Score only slice I of N of the pool (I/N, from 0): for cluster"
                                                    " jobs without torchrun; then select with --merge."),
@@ -152,19 +160,20 @@ def select(
     """Score every pool image with the teacher and select the most useful ones (DFND)."""
     from .select import merge_shards, select_pool
 
-    policy = "per-class" if per_class else "global"
+    policy = policy or ("per-class" if per_class else "global")
     if merge:
         if teacher or pool or shard:
             raise DfkdError("--merge takes the teacher and pool from the shard runs: drop --teacher, --pool, --shard")
         result = merge_shards(merge, out, num=num_images, ratio=ratio, max_score=max_score, policy=policy,
-                              overwrite=overwrite)
+                              dedup=dedup, near=near_duplicate, batch_size=batch_size, workers=workers,
+                              device=device, amp=amp, overwrite=overwrite)
     else:
         if not teacher or pool is None:
             raise DfkdError("--teacher and --pool are required (or --merge SHARD_RUNS)")
         cards = [_card(t, input_size, input_channels, input_mean, input_std) for t in teacher]
         with progress("scoring") as update:
             result = select_pool(cards, pool, out, num=num_images, ratio=ratio, max_score=max_score,
-                                 policy=policy, score=score, batch_size=batch_size, workers=workers,
+                                 policy=policy, dedup=dedup, near=near_duplicate, score=score, batch_size=batch_size, workers=workers,
                                  device=device, amp=amp, seed=seed, shard=_shard(shard), overwrite=overwrite,
                                  on_progress=lambda d, t: update(d, t))
     if result is None:  # a rank other than 0
@@ -179,6 +188,8 @@ def select(
                                                 ("selected", *result.selected_quantiles.values())]))
     if result.skipped:
         err.print(f"[yellow]{result.skipped} file(s) skipped[/]: see {result.files['skipped']}")
+    if "duplicates" in result.files:
+        err.print(f"{result.duplicates} duplicate(s) left out before choosing: see {result.files['duplicates']}")
     emit(result.files.get("selected", result.files["scores"]))
 
 

@@ -108,6 +108,15 @@ def read_member(shard: str, member: str) -> bytes:
     return f.read(where[1])
 
 
+def read_bytes(path: str) -> bytes:
+    """A row's bytes: the file's, or a shard member's (OSError when it is not there)."""
+    member = split_member(path)
+    if member:
+        return read_member(*member)
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def source(path: str) -> str | io.BytesIO:
     """What ``PIL.Image.open`` takes for a row path: the path, or a shard member's bytes."""
     member = split_member(path)

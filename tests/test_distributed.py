@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from dfkd.cli import app
 from dfkd.index import read_index
 from dfkd.select import POLICIES, select_pool
-from dfkd.select.policies import StreamingChoice
+from dfkd.select.policies import SPREAD, StreamingChoice
 
 from test_images import make_bad_pool
 
@@ -71,6 +71,7 @@ def pool_with_bad_files(root: Path, pattern_folder: Path) -> Path:
     return pool
 
 
+@pytest.mark.slow
 def test_select_on_two_ranks_writes_the_files_of_one_process(tmp_path, pattern_folder, random_teacher):
     pool = pool_with_bad_files(tmp_path, pattern_folder)
     one = dfkd("select", "--teacher", str(random_teacher), "--pool", str(pool), "--out", str(tmp_path / "one"),
@@ -116,16 +117,20 @@ def test_streaming_choice_equals_the_in_memory_policy(key):
     rng = np.random.default_rng(0)
     scores = np.round(rng.random(5000), 2)  # many ties: broken by pool order both ways
     labels = rng.choice(5, 5000, p=[0.6, 0.3, 0.07, 0.02, 0.01])
+    features = rng.normal(size=(5000, 4)).astype(np.float32)
     policy = POLICIES.get(key)
     for num in (1, 37, 400, 5000):
         choice = StreamingChoice(policy, num, 5)
         choice.CHUNK = 97  # prune often
         for i, (s, y) in enumerate(zip(scores, labels)):
             choice.push(s, y, i)
-        assert choice.result() == policy(scores, labels, num, 5).tolist()
-        assert len(choice.payload) <= 2 * num + 97
+        feats = features[choice.candidates()] if policy.needs_features else None
+        assert choice.result(features=feats) == policy(scores, labels, num, 5, features if feats is not None
+                                                       else None).tolist()
+        assert len(choice.payload) <= (SPREAD + 1 if key == "diverse" else 2) * num + 97
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_out_is_refused_and_a_stale_lock_taken_over(tmp_path, pattern_folder,
                                                                                random_teacher):
     out = tmp_path / "run"
@@ -149,6 +154,7 @@ def test_a_second_run_into_the_same_out_is_refused_and_a_stale_lock_taken_over(t
     assert res.returncode == 0, res.stderr  # ... and is taken over
 
 
+@pytest.mark.slow
 def test_distill_on_two_ranks_trains_one_student_and_resumes(tmp_path, digits_folders, digits_teacher):
     _, test = digits_folders
     args = ["distill", "--teacher", str(digits_teacher), "--student", "resnet8", "--data", str(test),

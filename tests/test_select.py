@@ -54,13 +54,37 @@ SCORES = np.array([0.9, 0.1, 0.5, 0.2, 0.3, 0.05, 0.7, 0.2, 0.6])
 LABELS = np.array([0, 0, 0, 0, 0, 1, 1, 2, 2])
 
 
+FEATURES = np.random.default_rng(0).normal(size=(9, 6)).astype(np.float32)
+
+
 @pytest.mark.parametrize("key", POLICIES.keys())
 @pytest.mark.parametrize("num", [1, 4, 9])
 def test_policy_contract_unique_deterministic_best_first(key: str, num: int):
-    picked = POLICIES.get(key)(SCORES, LABELS, num, 3)
+    policy = POLICIES.get(key)
+    feats = FEATURES if policy.needs_features else None
+    picked = policy(SCORES, LABELS, num, 3, feats)
     assert len(picked) == num == len(set(picked.tolist()))
     assert list(SCORES[picked]) == sorted(SCORES[picked])
-    assert np.array_equal(picked, POLICIES.get(key)(SCORES.copy(), LABELS.copy(), num, 3))
+    again = policy(SCORES.copy(), LABELS.copy(), num, 3, None if feats is None else feats.copy())
+    assert np.array_equal(picked, again)
+    if policy.needs_features:
+        with pytest.raises(ValueError, match="features"):
+            policy(SCORES, LABELS, num, 3)
+
+
+def test_diverse_policy_spends_a_class_quota_across_clusters():
+    """Class 0 has 20 near-identical best-scored images and 10 other ones a little worse: per-class
+    top-k takes only the first kind, the diverse policy takes both kinds."""
+    rng = np.random.default_rng(1)
+    a = np.eye(8, dtype=np.float32)[0] + 0.01 * rng.normal(size=(20, 8)).astype(np.float32)
+    b = np.eye(8, dtype=np.float32)[1] + 0.01 * rng.normal(size=(10, 8)).astype(np.float32)
+    features = np.concatenate([a, b])
+    scores = np.concatenate([np.linspace(0.01, 0.2, 20), np.linspace(0.3, 0.4, 10)])
+    labels = np.zeros(30, dtype=np.int64)
+    top = POLICIES.get("per-class")(scores, labels, 10, 1)
+    diverse = POLICIES.get("diverse")(scores, labels, 10, 1, features)
+    assert (top >= 20).sum() == 0 and (diverse >= 20).sum() >= 1
+    assert diverse[0] == 0 and 20 in diverse.tolist()  # the other kind's best-scored image is taken too
 
 
 def test_global_top_k_takes_the_smallest_scores_ties_in_pool_order():
@@ -212,3 +236,40 @@ def test_progress_outside_a_terminal_is_plain_lines_at_an_interval(tmp_path, pat
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("scoring ")]
     assert len(lines) >= 4 and lines[-1].startswith("scoring 18/18 (100%)") and "img/s" in lines[-1]
     assert not any(ln.startswith("scoring ━") for ln in res.stderr.splitlines())  # no bar drawn into a log
+
+
+@pytest.mark.slow
+def test_select_drops_exact_and_near_duplicates_before_the_budget_is_spent(tmp_path, digits_folders, digits_teacher):
+    """Every image of a pool is there 3 more times: a byte copy, a 2x upscale and a JPEG re-encode.
+    The selection holds each picture once, and duplicates.tsv names the kept row of each copy."""
+    from PIL import Image
+
+    pool = tmp_path / "pool"
+    originals = sorted(digits_folders[1].rglob("*.png"))[:60]
+    for i, f in enumerate(originals):
+        (pool / "a").mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, pool / "a" / f"{i:03d}.png")
+        for sub in "bcd":
+            (pool / sub).mkdir(exist_ok=True)
+        shutil.copy(f, pool / "b" / f"{i:03d}.png")
+        with Image.open(f) as im:
+            im.resize((32, 32), Image.BICUBIC).save(pool / "c" / f"{i:03d}.png")
+            im.convert("RGB").save(pool / "d" / f"{i:03d}.jpg", quality=90)
+    r = select_pool(load_card(digits_teacher), pool, tmp_path / "sel", num=50, workers=0, device="cpu")
+    chosen = [Path(p) for p in read_index(r.files["selected"]).paths]
+    assert len(chosen) == 50 and len({p.stem for p in chosen}) == 50  # one copy of each picture
+    dups = read_index(r.files["duplicates"]).rows
+    assert r.duplicates == len(dups) > 0
+    for d in dups:
+        assert Path(d["path"]).stem == Path(d["duplicate_of"]).stem, d  # a copy of the same picture
+        if d["kind"] == "exact":  # only the byte copies are exact
+            assert {Path(d["path"]).parent.name, Path(d["duplicate_of"]).parent.name} == {"a", "b"}
+        else:
+            assert float(d["cosine"]) >= 0.99
+    kinds = {d["kind"] for d in dups}
+    assert kinds == {"exact", "near"}
+    plain = select_pool(load_card(digits_teacher), pool, tmp_path / "plain", num=50, dedup="off", workers=0,
+                        device="cpu")
+    assert len({Path(p).stem for p in read_index(plain.files["selected"]).paths}) < 50  # copies spent the budget
+    with pytest.raises(DfkdError, match="--dedup 'fuzzy'"):
+        select_pool(load_card(digits_teacher), pool, tmp_path / "x", num=5, dedup="fuzzy", device="cpu")

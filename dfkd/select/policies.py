@@ -1,8 +1,10 @@
 """Selection policies: which scored images to keep, best (smallest score) first.
 
-Contract: a :class:`Policy` is called as ``policy(scores[N], labels[N], num, num_classes) ->
-indices`` — unique, at most ``num``, ordered best first, deterministic (ties broken by pool
-order). Its ``prune`` (same arguments, returns a mask) keeps every row the policy could still
+Contract: a :class:`Policy` is called as ``policy(scores[N], labels[N], num, num_classes,
+features=None) -> indices`` — unique, at most ``num``, ordered best first, deterministic (ties
+broken by pool order). A policy that declares ``needs_features`` is given the teacher's
+penultimate features of the rows (N×D) and must be; the others are not. Its ``prune`` (the
+same arguments but the features, returns a mask) keeps every row the policy could still
 choose when more rows arrive, and at most a few times ``num`` rows, so :class:`StreamingChoice`
 selects from a pool of any size in bounded memory with exactly the in-memory result.
 """
@@ -14,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from ..registry import Registry
+from .dedup import kmeans
 
 POLICIES = Registry("selection policy")
 
@@ -24,15 +27,21 @@ Choose = Callable[[np.ndarray, np.ndarray, int, int], np.ndarray]
 class Policy:
     choose: Choose
     prune: Callable[[np.ndarray, np.ndarray, int, int], np.ndarray]
+    needs_features: bool = False
 
-    def __call__(self, scores: np.ndarray, labels: np.ndarray, num: int, num_classes: int) -> np.ndarray:
-        return self.choose(scores, labels, num, num_classes)
+    def __call__(self, scores: np.ndarray, labels: np.ndarray, num: int, num_classes: int,
+                 features: np.ndarray | None = None) -> np.ndarray:
+        if not self.needs_features:
+            return self.choose(scores, labels, num, num_classes)
+        if features is None or len(features) != len(scores):
+            raise ValueError("this policy needs the teacher's features of every row")
+        return self.choose(scores, labels, num, num_classes, features)
 
 
-def policy(key: str, paper: str, prune: Callable) -> Callable[[Choose], Choose]:
+def policy(key: str, paper: str, prune: Callable, needs_features: bool = False) -> Callable[[Choose], Choose]:
     """Register ``choose`` with its ``prune`` under ``key``."""
     def add(choose: Choose) -> Choose:
-        POLICIES.register(Policy(choose, prune), key=key, paper=paper,
+        POLICIES.register(Policy(choose, prune, needs_features), key=key, paper=paper,
                           summary=choose.__doc__.strip().splitlines()[0])
         return choose
     return add
@@ -99,11 +108,24 @@ class StreamingChoice:
             scores, labels, payload = scores[keep], labels[keep], [payload[i] for i in keep]
         self.scores, self.labels, self.payload = scores, labels, payload
 
-    def result(self) -> list:
-        """The chosen rows' payloads, best first."""
+    def candidates(self) -> list:
+        """The payloads of the rows still in the running, in pool order: what a pass before
+        :meth:`result` (duplicates, features) looks at."""
         self._flush()
-        num = len(self.scores) if self.num is None else min(self.num, len(self.scores))
-        return [self.payload[i] for i in self.policy(self.scores, self.labels, num, self.num_classes)]
+        return self.payload
+
+    def result(self, num: int | None = None, keep: np.ndarray | None = None,
+               features: np.ndarray | None = None) -> list:
+        """The chosen rows' payloads, best first. ``num``: fewer than the ``num`` pruned for
+        (the rest was slack for rows ``keep`` leaves out: a mask over :meth:`candidates`);
+        ``features``: the candidates' (kept or not), for a policy that needs them."""
+        self._flush()
+        rows = np.arange(len(self.scores)) if keep is None else np.flatnonzero(keep)
+        num = self.num if num is None else num
+        num = len(rows) if num is None else min(num, len(rows))
+        feats = features[rows] if features is not None else None
+        picked = self.policy(self.scores[rows], self.labels[rows], num, self.num_classes, feats)
+        return [self.payload[i] for i in rows[picked]]
 
 
 def rank(scores: np.ndarray) -> np.ndarray:
@@ -126,5 +148,44 @@ def per_class_top_k(scores: np.ndarray, labels: np.ndarray, num: int, num_classe
     taken = class_top_mask(scores, labels, quotas(num, num_classes))
     short = num - int(taken.sum())
     if short > 0:
+        taken[order[~taken[order]][:short]] = True
+    return order[taken[order]]
+
+
+CLUSTERS = 8  # k-means clusters per class for the diverse policy (at most the class's quota)
+SPREAD = 4  # the diverse policy chooses a class's quota among its SPREAD × quota best-scored rows
+
+
+def _prune_diverse(scores: np.ndarray, labels: np.ndarray, num: int, num_classes: int) -> np.ndarray:
+    return class_top_mask(scores, labels, SPREAD * quotas(num, num_classes)) | top_mask(scores, num)
+
+
+def _within_cluster_rank(cluster: np.ndarray) -> np.ndarray:
+    """For rows already in best-first order: each row's position among the rows of its cluster."""
+    by_cluster = np.argsort(cluster, kind="stable")
+    sorted_cluster = cluster[by_cluster]
+    within = np.empty(len(cluster), dtype=np.int64)
+    within[by_cluster] = np.arange(len(cluster)) - np.searchsorted(sorted_cluster, sorted_cluster, side="left")
+    return within
+
+
+@policy(key="diverse", paper="dfkd: per-class top-k spread over faiss k-means clusters of the teacher's features",
+        prune=_prune_diverse, needs_features=True)
+def diverse_top_k(scores: np.ndarray, labels: np.ndarray, num: int, num_classes: int,
+                  features: np.ndarray) -> np.ndarray:
+    """Per-class quota spread over k-means clusters of the teacher's features: each cluster's best in turn."""
+    quota = quotas(num, num_classes)
+    taken = np.zeros(len(scores), dtype=bool)
+    for c in np.flatnonzero(quota):
+        rows = np.flatnonzero(labels == c)
+        rows = rows[rank(scores[rows])][:SPREAD * quota[c]]  # the class's best-scored rows, best first
+        if len(rows) > quota[c]:
+            cluster = kmeans(features[rows], min(CLUSTERS, int(quota[c])), seed=0)
+            # round robin: every cluster's best (clusters in the order of their best), then every second best, ...
+            rows = rows[np.lexsort((np.arange(len(rows)), _within_cluster_rank(cluster)))]
+        taken[rows[:quota[c]]] = True
+    order = rank(scores)
+    short = num - int(taken.sum())
+    if short > 0:  # as per-class: shortfalls go to the global ranking
         taken[order[~taken[order]][:short]] = True
     return order[taken[order]]

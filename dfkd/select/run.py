@@ -11,7 +11,7 @@ union of the slices, with the same result as one run.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -21,15 +21,19 @@ import torch
 from ..cards import ModelCard, load_card
 from ..engine import RowFile, Segment, score_run
 from ..errors import DfkdError
-from ..index import open_index, write_index
+from ..index import open_index, read_index, write_index
 from ..pool import Listing
 from ..rundir import RunDir, open_run, write_manifest
 from ..runtime import Runtime, setup
 from ..teacher import Teacher, load_teacher, teacher_inputs
+from .candidates import SLACK, Look, duplicates, look_again
+from .dedup import NEAR_DUPLICATE_COSINE
 from .policies import POLICIES, StreamingChoice
 from .scores import SCORERS
 
 ROW_TYPES = (int, float, float, str)  # label, score, confidence, reason ("" = scored)
+DEDUP = ("near", "exact", "off")
+Reader = Callable[[list[str], bool], Look]  # candidate paths, want features -> digests, features
 
 
 @dataclass
@@ -44,6 +48,7 @@ class SelectResult:
     selected_quantiles: dict[str, float]
     classes: list[str] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
+    duplicates: int = 0  # candidates left out as duplicates (listed in files["duplicates"])
 
 
 def quantiles(values: np.ndarray) -> dict[str, float]:
@@ -62,6 +67,8 @@ class Budget:
     ratio: float | None = None
     max_score: float | None = None
     policy: str = "per-class"
+    dedup: str = "near"  # drop duplicates before choosing: near (and exact), exact (same bytes), off
+    near: float = NEAR_DUPLICATE_COSINE  # near duplicates: cosine of the teacher's features at least this
 
     def __post_init__(self) -> None:
         if self.num is not None and self.ratio is not None:
@@ -73,13 +80,17 @@ class Budget:
         if self.max_score is not None and not np.isfinite(self.max_score):
             raise DfkdError(f"--max-score {self.max_score}: must be a finite number")
         POLICIES.get(self.policy)
+        if self.dedup not in DEDUP:
+            raise DfkdError(f"--dedup {self.dedup!r}: expected one of {', '.join(DEDUP)}")
+        if not -1 <= self.near <= 1:
+            raise DfkdError(f"--near-duplicate {self.near}: a cosine similarity, in [-1, 1]")
 
     def k(self, scored: int) -> int | None:
         """How many images to keep out of ``scored`` (None: all that pass ``max_score``)."""
         return None if self.num is None and self.ratio is None else (self.num or max(1, round(self.ratio * scored)))
 
     def options(self) -> dict:
-        return {"num": self.num, "ratio": self.ratio, "max_score": self.max_score, "policy": self.policy}
+        return asdict(self)
 
 
 def _score_rows(teacher: Teacher, score: str, seed: int):
@@ -110,17 +121,19 @@ def score_pool(teacher: Teacher, pool: str | Path, run: RunDir, rt: Runtime, *, 
 
 def select_pool(teachers: ModelCard | Sequence[ModelCard], pool: str | Path, out: str | Path, *,
                 num: int | None = None, ratio: float | None = None, max_score: float | None = None,
-                policy: str = "per-class", score: str = "noise", batch_size: int = 256,
-                workers: int | None = None, device: str = "auto", amp: bool | None = None, seed: int = 0,
-                shard: tuple[int, int] | None = None, overwrite: bool = False,
-                on_progress: Callable[[int, int], None] | None = None) -> SelectResult | None:
+                policy: str = "per-class", dedup: str = "near", near: float | None = None,
+                score: str = "noise", batch_size: int = 256, workers: int | None = None, device: str = "auto",
+                amp: bool | None = None, seed: int = 0, shard: tuple[int, int] | None = None,
+                overwrite: bool = False, on_progress: Callable[[int, int], None] | None = None) -> SelectResult | None:
     """Score ``pool`` with the teacher (or the ensemble of ``teachers``, MEAL V2's averaged softmax)
     and write scores/selected/skipped.tsv into ``out``. Under torchrun every rank scores its share;
     rank 0 writes and returns the result (the other ranks return None).
 
     With ``shard=(i, n)`` only the i-th of n slices is scored (scores.tsv and skipped.tsv, no
-    selection); :func:`merge_shards` selects from the shards."""
-    budget = Budget(num, ratio, max_score, policy)
+    selection); :func:`merge_shards` selects from the shards. ``dedup`` ("near", "exact", "off")
+    drops exact duplicates and near ones (cosine of the teacher's features >= ``near``, default
+    :data:`~dfkd.select.dedup.NEAR_DUPLICATE_COSINE`) before the budget is spent."""
+    budget = Budget(num, ratio, max_score, policy, dedup, NEAR_DUPLICATE_COSINE if near is None else near)
     SCORERS.get(score)
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise DfkdError(f"--shard {shard[0]}/{shard[1]}: expected I/N with 0 <= I < N")
@@ -135,14 +148,17 @@ def select_pool(teachers: ModelCard | Sequence[ModelCard], pool: str | Path, out
                        shard=list(shard) if shard else None, **rt.options())
         inputs = teacher_inputs(teacher.cards)
         return finish([segment], teacher.card, Path(out), budget if shard is None else None, options,
-                      {**inputs, "pool": pool})
+                      {**inputs, "pool": pool}, _reader(teacher, rt, batch_size))
 
 
 def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path, *, num: int | None = None,
                  ratio: float | None = None, max_score: float | None = None, policy: str = "per-class",
+                 dedup: str = "near", near: float | None = None, batch_size: int = 256,
+                 workers: int | None = None, device: str = "auto", amp: bool | None = None,
                  overwrite: bool = False) -> SelectResult:
-    """Select from the union of ``select --shard I/N`` runs: the same files as one run."""
-    budget = Budget(num, ratio, max_score, policy)
+    """Select from the union of ``select --shard I/N`` runs: the same files as one run (the
+    candidates are read again with the shards' teacher on ``device``)."""
+    budget = Budget(num, ratio, max_score, policy, dedup, NEAR_DUPLICATE_COSINE if near is None else near)
     shards = []
     for given in map(Path, shard_dirs):
         found = [given] if _is_shard(given) else sorted(p for p in given.iterdir() if _is_shard(p)) \
@@ -175,12 +191,18 @@ def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path, *, num: int 
         columns, _ = open_index(listing_path)
         segments.append(Segment(Listing(listing_path, columns, count, same["pool"], Path(first["pool"]),
                                         first["problems"]), lo, hi, rows))
-    card = load_card(first["teachers"][0])
+    cards = [load_card(t) for t in first["teachers"]]
+    card = cards[0]
     with open_run(out, "select") as run:
         run.claim({"merge": [m["identity"] for m, _ in shards]}, overwrite)
         options = dict(**budget.options(), merged=[str(d) for _, d in shards])
-        teachers = teacher_inputs([load_card(t) for t in first["teachers"]])
-        return finish(segments, card, Path(out), budget, options, teachers)
+        rt = setup(device, amp, workers)
+        reader = _reader(load_teacher(cards, rt.device), rt, batch_size)
+        return finish(segments, card, Path(out), budget, options, teacher_inputs(cards), reader)
+
+
+def _reader(teacher: Teacher, rt: Runtime, batch_size: int) -> Reader:
+    return lambda paths, features: look_again(teacher, paths, rt, features=features, batch_size=batch_size)
 
 
 def _is_shard(d: Path) -> bool:
@@ -188,10 +210,12 @@ def _is_shard(d: Path) -> bool:
 
 
 def finish(segments: list[Segment], card: ModelCard, out: Path, budget: Budget | None, options: dict,
-           inputs: dict) -> SelectResult:
+           inputs: dict, reader: Reader | None = None) -> SelectResult:
     """Write scores.tsv, skipped.tsv and (with a ``budget``; a shard has none) selected.tsv from
     the scored rows, streaming: the pool's scores are held as float32 (4 bytes an image), rows
-    only if chosen. ``options`` and ``inputs`` go to the manifest."""
+    only if chosen. When duplicates are dropped or the policy needs features, the candidates are
+    read again by ``reader`` (:func:`~dfkd.select.candidates.look_again`) and the duplicates are
+    listed in duplicates.tsv. ``options`` and ``inputs`` go to the manifest."""
     values = np.fromiter((r[1] for s in segments for r in s.rows if not r[3]), dtype=np.float32)
     if len(values) == 0:
         skipped = [{"path": row["path"], "reason": r[3]} for s in segments for row, r in s]
@@ -201,7 +225,9 @@ def finish(segments: list[Segment], card: ModelCard, out: Path, budget: Budget |
     select = budget is not None
     budget = budget or Budget()
     max_score = budget.max_score
-    choice = StreamingChoice(POLICIES.get(budget.policy), budget.k(len(values)), card.num_classes)
+    policy, k = POLICIES.get(budget.policy), budget.k(len(values))
+    second_look = select and (budget.dedup != "off" or policy.needs_features)
+    choice = StreamingChoice(policy, k * SLACK if second_look and k is not None else k, card.num_classes)
     skipped = list(segments[0].listing.problems)
     extra_cols = [c for c in segments[0].listing.columns if c not in ("path", "label", "score", "confidence")]
     columns = ["path", "label", "score", "confidence", *extra_cols]
@@ -218,7 +244,11 @@ def finish(segments: list[Segment], card: ModelCard, out: Path, budget: Budget |
                     choice.push(value, label, row)
 
     files = {"scores": write_index(out / "scores.tsv", scored(), columns)}
-    picked = choice.result() if select else []
+    keep = features = None
+    if second_look:
+        keep, features, files["duplicates"] = _second_look(choice, budget, policy.needs_features, reader, out,
+                                                           skipped)
+    picked = choice.result(k, keep, features) if select else []
     if select and not picked:
         raise DfkdError(f"--max-score {max_score}: no scored image has a score that low (the smallest is"
                         f" {float(values.min()):.4g}); the scores are in {files['scores']}")
@@ -230,9 +260,31 @@ def finish(segments: list[Segment], card: ModelCard, out: Path, budget: Budget |
     pool_size = sum(s.hi - s.lo for s in segments)
     summary = {"pool": pool_size, "scored": len(values), "skipped": len(skipped), "selected": len(picked),
                "class_counts": counts}
+    if "duplicates" in files:
+        summary["duplicates"] = len(read_index(files["duplicates"]))
     files["manifest"] = write_manifest(out, "select", options, inputs, summary=summary)
     return SelectResult(out, pool_size, len(values), len(skipped), len(picked), counts, quantiles(values),
-                        quantiles(np.array([r["score"] for r in picked])), card.class_names, files)
+                        quantiles(np.array([r["score"] for r in picked])), card.class_names, files,
+                        summary.get("duplicates", 0))
+
+
+def _second_look(choice: StreamingChoice, budget: Budget, needs_features: bool, reader: Reader, out: Path,
+                 skipped: list[dict]) -> tuple[np.ndarray, np.ndarray | None, Path]:
+    """Read the candidates again: (rows kept, their features or None, duplicates.tsv)."""
+    rows = choice.candidates()
+    look = reader([r["path"] for r in rows], needs_features)
+    if needs_features and look.features is None:
+        raise DfkdError(f"--policy {budget.policy}: needs the teacher's features, and a TorchScript teacher"
+                        " has none to read; use a model card with 'arch'")
+    dup_of, similarity, kind = duplicates(look, choice.scores, budget.near if budget.dedup == "near" else None)
+    if budget.dedup == "off":  # features only: keep every readable row
+        dup_of[dup_of >= 0] = -1
+    skipped += [{"path": r["path"], "reason": e} for r, e in zip(rows, look.errors) if e]
+    dropped = np.flatnonzero(dup_of >= 0)
+    listed = write_index(out / "duplicates.tsv", ({"path": rows[i]["path"], "duplicate_of": rows[dup_of[i]]["path"],
+                                                   "kind": kind[i], "cosine": round(float(similarity[i]), 6)}
+                                                  for i in dropped), ["path", "duplicate_of", "kind", "cosine"])
+    return dup_of == -1, look.features, listed
 
 
 def _write_skipped(out: Path, skipped: list[dict]) -> Path:
