@@ -76,13 +76,13 @@ def check_compatible(cards: Sequence[ModelCard]) -> None:
 
 
 def ensemble_accuracy(cards: Sequence[ModelCard]) -> dict:
-    """Accuracies for DFND's Q from an ensemble: the mean of the teachers' (per class if all have them)."""
-    if all(c.class_accuracy for c in cards):
-        return {"class_accuracy": [sum(v) / len(cards) for v in zip(*(c.class_accuracy for c in cards))],
-                "accuracy": None}
-    if all(c.accuracy is not None for c in cards):
-        return {"class_accuracy": None, "accuracy": sum(c.accuracy for c in cards) / len(cards)}
-    return {"class_accuracy": None, "accuracy": None}
+    """Accuracies for DFND's Q from one teacher or an ensemble: the mean of the teachers' per-class
+    accuracies when all have them, and the mean of their accuracies when all have one (each
+    None otherwise; ``per_class_accuracy: false`` uses the second)."""
+    per_class = [sum(v) / len(cards) for v in zip(*(c.class_accuracy for c in cards))] \
+        if all(c.class_accuracy for c in cards) else None
+    scalar = sum(c.accuracy for c in cards) / len(cards) if all(c.accuracy is not None for c in cards) else None
+    return {"class_accuracy": per_class, "accuracy": scalar}
 
 
 @dataclass

@@ -104,6 +104,7 @@ def test_a_cut_off_or_foreign_entry_is_one_clear_line(pattern_folder, on_disk):
         decode_images(paths, SPEC, cache_dir=on_disk / "file")
 
 
+@pytest.mark.slow
 def test_distill_from_the_cache_trains_the_same_student_as_from_memory(tmp_path, digits_folders, digits_teacher,
                                                                         monkeypatch):
     teacher = load_card(digits_teacher)

@@ -167,11 +167,12 @@ def test_list_goes_to_stdout_for_pipes_and_version():
     from dfkd.cli import app
 
     res = CliRunner().invoke(app, ["list", "policies"])
-    assert res.exit_code == 0 and res.stdout.splitlines()[0].startswith("policies\tglobal\t")
+    assert res.exit_code == 0 and res.stdout.splitlines()[0].startswith("policies\tdiverse\t")
     res = CliRunner().invoke(app, ["--version"])
     assert res.exit_code == 0 and res.stdout.strip() == f"dfkd {dfkd.__version__}"
 
 
+@pytest.mark.slow
 def test_timm_teacher_takes_timms_input_config_and_trains(tmp_path: Path, pattern_folder: Path):
     pytest.importorskip("timm")
     from typer.testing import CliRunner

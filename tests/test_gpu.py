@@ -10,6 +10,7 @@ from dfkd.select import select_pool
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.slow
 def test_select_on_cuda_matches_cpu_ranking(tmp_path, digits_folders, digits_teacher):
     card = load_card(digits_teacher)
     gpu = select_pool(card, digits_folders[1], tmp_path / "gpu", num=100, device="cuda", amp=False, workers=2)
@@ -18,6 +19,7 @@ def test_select_on_cuda_matches_cpu_ranking(tmp_path, digits_folders, digits_tea
     assert gpu.score_quantiles["median"] == pytest.approx(cpu.score_quantiles["median"], rel=1e-3, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_distill_on_cuda_with_autocast_learns(tmp_path, digits_folders, digits_teacher):
     train, test = digits_folders
     card = load_card(digits_teacher)

@@ -61,6 +61,7 @@ def test_resize_matches_the_cpu_path(resize):
     assert (got.float() - want.float()).abs().mean() < 2.0  # of 255: antialiased bilinear on both sides
 
 
+@pytest.mark.slow
 def test_select_on_a_jpeg_pool_through_the_batched_path(tmp_path, digits_folders, digits_teacher, monkeypatch):
     pool = jpeg_pool(tmp_path / "pool", digits_folders[1], 120)
     good = jpeg(photo().convert("L"))
@@ -83,6 +84,7 @@ def test_select_on_a_jpeg_pool_through_the_batched_path(tmp_path, digits_folders
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 def test_select_on_cuda_decodes_jpegs_on_the_gpu(tmp_path, digits_folders, digits_teacher, monkeypatch):
     pool = jpeg_pool(tmp_path / "pool", digits_folders[1], 200)
     card = load_card(digits_teacher)

@@ -60,6 +60,7 @@ def have_sklearn():
     return True
 
 
+@pytest.mark.slow
 def test_tiny_layout_and_rerun(tmp_path):
     out = tmp_path / "data"
     r = run("--out", out, *TINY)
@@ -132,6 +133,7 @@ def test_tiny_layout_and_rerun(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftover temp folders
 
 
+@pytest.mark.slow
 def test_deterministic_for_a_seed(tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for out, seed in ((a, 0), (b, 0), (c, 1)):

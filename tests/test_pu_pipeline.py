@@ -45,6 +45,7 @@ def pu_data(root: Path, train: Path, n_pos_per_class: int = 4, n_ood: int = 700)
     return pos, pool, truth
 
 
+@pytest.mark.slow
 def test_pu_train_expand_separates_in_from_out_and_feeds_robust_kd(tmp_path, digits_folders, digits_teacher):
     train, test = digits_folders
     teacher = load_card(digits_teacher)
@@ -71,6 +72,7 @@ def test_pu_train_expand_separates_in_from_out_and_feeds_robust_kd(tmp_path, dig
     assert evaluate(load_card(student.card), test, workers=0, device="cpu").top1 > 0.5
 
 
+@pytest.mark.slow
 def test_expand_top_n_repeat_and_errors(tmp_path, digits_folders, digits_teacher):
     train, _ = digits_folders
     teacher = load_card(digits_teacher)
@@ -94,6 +96,7 @@ def test_expand_top_n_repeat_and_errors(tmp_path, digits_folders, digits_teacher
     assert res.exit_code == 2 and "--prior" in res.stderr
 
 
+@pytest.mark.slow
 def test_cli_pu_train_and_expand_print_paths(tmp_path, digits_folders, digits_teacher):
     pos, pool, _ = pu_data(tmp_path, digits_folders[0], n_pos_per_class=2, n_ood=20)
     runner = CliRunner()

@@ -103,6 +103,7 @@ def test_missing_matplotlib_gives_install_hint(tmp_path, monkeypatch):
         write_report(_select_run(tmp_path))
 
 
+@pytest.mark.slow
 def test_pipeline_report_from_real_cli_outputs(tmp_path, pattern_folder, random_teacher):
     """pipelines/dfnd.sh's OUT (select/, distill/, eval/) as one page, teacher against student on top."""
     from typer.testing import CliRunner

@@ -43,6 +43,7 @@ def test_brace_patterns_expand_as_webdataset_writes_them():
         expand_braces("{3..1}.tar")
 
 
+@pytest.mark.slow
 def test_select_from_shards_picks_the_images_the_extracted_folder_gives(tmp_path, digits_folders, digits_teacher):
     folder = digits_folders[1]
     files = write_shards(folder, tmp_path / "shards")

@@ -19,6 +19,7 @@ def small_cfg(**kw) -> LoopConfig:
     return LoopConfig(**base)
 
 
+@pytest.mark.slow
 def test_train_then_eval_on_real_digits(tmp_path: Path, digits_folders):
     train, test = digits_folders
     result = train_classifier("resnet8", train, tmp_path / "run", small_cfg(), workers=0, device="cpu")
@@ -50,6 +51,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path: Path, patter
     assert steps == sorted(set(steps))  # no step logged twice after the resume
 
 
+@pytest.mark.slow
 def test_cli_train_eval_write_card(tmp_path: Path, digits_folders):
     train, test = digits_folders
     runner = CliRunner()

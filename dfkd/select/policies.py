@@ -121,6 +121,8 @@ class StreamingChoice:
         ``features``: the candidates' (kept or not), for a policy that needs them."""
         self._flush()
         rows = np.arange(len(self.scores)) if keep is None else np.flatnonzero(keep)
+        if len(rows) == 0:
+            return []
         num = self.num if num is None else num
         num = len(rows) if num is None else min(num, len(rows))
         feats = features[rows] if features is not None else None

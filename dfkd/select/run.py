@@ -79,7 +79,8 @@ class Budget:
             raise DfkdError(f"--ratio {self.ratio}: must be in (0, 1]")
         if self.max_score is not None and not np.isfinite(self.max_score):
             raise DfkdError(f"--max-score {self.max_score}: must be a finite number")
-        POLICIES.get(self.policy)
+        if self.policy not in POLICIES:
+            raise DfkdError(f"--policy {self.policy!r}: expected one of {', '.join(POLICIES.keys())}")
         if self.dedup not in DEDUP:
             raise DfkdError(f"--dedup {self.dedup!r}: expected one of {', '.join(DEDUP)}")
         if not -1 <= self.near <= 1:
@@ -245,7 +246,7 @@ def finish(segments: list[Segment], card: ModelCard, out: Path, budget: Budget |
 
     files = {"scores": write_index(out / "scores.tsv", scored(), columns)}
     keep = features = None
-    if second_look:
+    if second_look and choice.candidates():  # none: --max-score left nothing, said below
         keep, features, files["duplicates"] = _second_look(choice, budget, policy.needs_features, reader, out,
                                                            skipped)
     picked = choice.result(k, keep, features) if select else []
