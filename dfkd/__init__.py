@@ -21,6 +21,7 @@ _API = {  # name -> (module, attribute)
     "select_pool": ("dfkd.select.run", "select_pool"),
     "merge_shards": ("dfkd.select.run", "merge_shards"),
     "pu_train": ("dfkd.pu.train", "pu_train"),
+    "PuConfig": ("dfkd.pu.train", "PuConfig"),
     "expand": ("dfkd.pu.expand", "expand"),
     "distill_student": ("dfkd.distill.run", "distill"),
     "DistillConfig": ("dfkd.distill.run", "DistillConfig"),
