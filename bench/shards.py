@@ -78,7 +78,7 @@ def main() -> int:
 
     def picked(name: str) -> list[tuple[str, str]]:
         rows = read_index(a.work / f"run-{name}" / "selected.tsv").rows
-        return sorted((r["score"], r.get("class", "")) for r in rows)
+        return sorted((r["score"], r["label"]) for r in rows)
 
     for name, wall in walls.items():
         print(f"select from the {name:<7} {n} images in {wall:6.1f} s  {n / wall:7.0f} img/s  ({sources[name]})")

@@ -173,9 +173,9 @@ def select(
         cards = [_card(t, input_size, input_channels, input_mean, input_std) for t in teacher]
         with progress("scoring") as update:
             result = select_pool(cards, pool, out, num=num_images, ratio=ratio, max_score=max_score,
-                                 policy=policy, dedup=dedup, near=near_duplicate, score=score, batch_size=batch_size, workers=workers,
-                                 device=device, amp=amp, seed=seed, shard=_shard(shard), overwrite=overwrite,
-                                 on_progress=lambda d, t: update(d, t))
+                                 policy=policy, dedup=dedup, near=near_duplicate, score=score,
+                                 batch_size=batch_size, workers=workers, device=device, amp=amp, seed=seed,
+                                 shard=_shard(shard), overwrite=overwrite, on_progress=lambda d, t: update(d, t))
     if result is None:  # a rank other than 0
         return
     err.print(table("select", ["", "images"], [("pool", result.pool_size), ("skipped", result.skipped),
@@ -232,8 +232,8 @@ def train(
     err.print(table("config", ["key", "value"], cfg.items()))
     with _training_progress() as on_event:
         result = train_classifier(arch, data, out, loop, size=size, channels=channels, val_split=val_split,
-                                  workers=workers, device=device, overwrite=overwrite, tensorboard=tensorboard, cache_dir=cache_dir,
-                                  on_event=on_event)
+                                  workers=workers, device=device, overwrite=overwrite, tensorboard=tensorboard,
+                                  cache_dir=cache_dir, on_event=on_event)
     if result is None:  # a rank other than 0
         return
     rows = [("steps", result.steps), ("validation top-1 (last)", result.val_top1),
@@ -314,7 +314,8 @@ def distill(
     err.print(table("config", ["key", "value"], [(k, v) for k, v in cfg.items()]))
     with _training_progress() as on_event:
         result = run_distill(cards, student, data, out, cfg, eval_data=eval_data, workers=workers,
-                             device=device, overwrite=overwrite, tensorboard=tensorboard, cache_dir=cache_dir, on_event=on_event)
+                             device=device, overwrite=overwrite, tensorboard=tensorboard, cache_dir=cache_dir,
+                             on_event=on_event)
     if result is None:  # a rank other than 0
         return
     rows = [("objective", result.description), ("images", result.images), ("skipped images", result.skipped),

@@ -32,7 +32,7 @@ from ..engine import stream
 from ..models.features import FeatureTap
 from ..runtime import Runtime
 from ..teacher import Teacher
-from .dedup import exact_duplicates, near_duplicates
+from .dedup import exact_duplicates, near_duplicates, unit_rows
 
 SLACK = 4  # candidates kept while streaming, as a multiple of the budget, when some may be dropped
 THUMB = 8  # thumbnail side: THUMB × THUMB grey values
@@ -93,7 +93,7 @@ def duplicates(look: Look, scores: np.ndarray, near: float | None,
                device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(dup_of, similarity, kind) over the candidates: ``dup_of[i]`` is −1 for a row kept, else
     the kept row it copies (kind "exact" or "near"; near ones only with a ``near`` cosine
-    threshold); rows that could not be read again get −2."""
+    threshold of the thumbnails); rows that could not be read again get −2."""
     order = np.argsort(scores, kind="stable")
     ok = np.array([not e for e in look.errors], dtype=bool)
     dup_of = np.full(len(scores), -1, dtype=np.int64)
@@ -110,7 +110,7 @@ def duplicates(look: Look, scores: np.ndarray, near: float | None,
         of = near_duplicates(look.thumbs[rest], np.arange(len(rest)), near, device=device)
         hit = of >= 0
         dup_of[rest[hit]] = rest[of[hit]]
-        f = look.thumbs / np.maximum(np.linalg.norm(look.thumbs, axis=1, keepdims=True), 1e-12)
+        f = unit_rows(look.thumbs)
         similarity[rest[hit]] = np.einsum("ij,ij->i", f[rest[hit]], f[rest[of[hit]]])
         kind[rest[hit]] = "near"
     return dup_of, similarity, kind

@@ -21,7 +21,7 @@ import torch
 from ..cards import ModelCard, load_card
 from ..engine import RowFile, Segment, score_run
 from ..errors import DfkdError
-from ..index import open_index, read_index, write_index
+from ..index import open_index, write_index
 from ..pool import Listing
 from ..rundir import RunDir, open_run, write_manifest
 from ..runtime import Runtime, setup
@@ -33,7 +33,7 @@ from .scores import SCORERS
 
 ROW_TYPES = (int, float, float, str)  # label, score, confidence, reason ("" = scored)
 DEDUP = ("near", "exact", "off")
-Reader = Callable[[list[str], bool], Look]  # candidate paths, want features -> digests, features
+Reader = Callable[[list[str], bool], Look]  # candidate paths, want features -> digests, thumbnails, features
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Budget:
     max_score: float | None = None
     policy: str = "per-class"
     dedup: str = "near"  # drop duplicates before choosing: near (and exact), exact (same bytes), off
-    near: float = NEAR_DUPLICATE_COSINE  # near duplicates: cosine of the teacher's features at least this
+    near: float = NEAR_DUPLICATE_COSINE  # near duplicates: cosine of their thumbnails at least this
 
     def __post_init__(self) -> None:
         if self.num is not None and self.ratio is not None:
@@ -132,7 +132,7 @@ def select_pool(teachers: ModelCard | Sequence[ModelCard], pool: str | Path, out
 
     With ``shard=(i, n)`` only the i-th of n slices is scored (scores.tsv and skipped.tsv, no
     selection); :func:`merge_shards` selects from the shards. ``dedup`` ("near", "exact", "off")
-    drops exact duplicates and near ones (cosine of the teacher's features >= ``near``, default
+    drops exact duplicates and near ones (cosine of their thumbnails >= ``near``, default
     :data:`~dfkd.select.dedup.NEAR_DUPLICATE_COSINE`) before the budget is spent."""
     budget = Budget(num, ratio, max_score, policy, dedup, NEAR_DUPLICATE_COSINE if near is None else near)
     SCORERS.get(score)
@@ -197,8 +197,11 @@ def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path, *, num: int 
     with open_run(out, "select") as run:
         run.claim({"merge": [m["identity"] for m, _ in shards]}, overwrite)
         options = dict(**budget.options(), merged=[str(d) for _, d in shards])
-        rt = setup(device, amp, workers)
-        reader = _reader(load_teacher(cards, rt.device), rt, batch_size)
+
+        def reader(paths: list[str], features: bool) -> Look:  # the teacher is loaded only if it is needed
+            rt = setup(device, amp, workers)
+            return _reader(load_teacher(cards, rt.device), rt, batch_size)(paths, features)
+
         return finish(segments, card, Path(out), budget, options, teacher_inputs(cards), reader)
 
 
@@ -246,9 +249,9 @@ def finish(segments: list[Segment], card: ModelCard, out: Path, budget: Budget |
 
     files = {"scores": write_index(out / "scores.tsv", scored(), columns)}
     keep = features = None
+    dropped = 0
     if second_look and choice.candidates():  # none: --max-score left nothing, said below
-        keep, features, files["duplicates"] = _second_look(choice, budget, policy.needs_features, reader, out,
-                                                           skipped)
+        keep, features, dropped = _second_look(choice, budget, policy.needs_features, reader, out, skipped, files)
     picked = choice.result(k, keep, features) if select else []
     if select and not picked:
         raise DfkdError(f"--max-score {max_score}: no scored image has a score that low (the smallest is"
@@ -262,30 +265,32 @@ def finish(segments: list[Segment], card: ModelCard, out: Path, budget: Budget |
     summary = {"pool": pool_size, "scored": len(values), "skipped": len(skipped), "selected": len(picked),
                "class_counts": counts}
     if "duplicates" in files:
-        summary["duplicates"] = len(read_index(files["duplicates"]))
+        summary["duplicates"] = dropped
     files["manifest"] = write_manifest(out, "select", options, inputs, summary=summary)
     return SelectResult(out, pool_size, len(values), len(skipped), len(picked), counts, quantiles(values),
-                        quantiles(np.array([r["score"] for r in picked])), card.class_names, files,
-                        summary.get("duplicates", 0))
+                        quantiles(np.array([r["score"] for r in picked])), card.class_names, files, dropped)
 
 
 def _second_look(choice: StreamingChoice, budget: Budget, needs_features: bool, reader: Reader, out: Path,
-                 skipped: list[dict]) -> tuple[np.ndarray, np.ndarray | None, Path]:
-    """Read the candidates again: (rows kept, their features or None, duplicates.tsv)."""
+                 skipped: list[dict], files: dict[str, Path]) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Read the candidates again: (rows kept, their features or None, how many were duplicates);
+    the duplicates go to duplicates.tsv (``files["duplicates"]``), unreadable rows to ``skipped``."""
     rows = choice.candidates()
     look = reader([r["path"] for r in rows], needs_features)
     if needs_features and look.features is None:
         raise DfkdError(f"--policy {budget.policy}: needs the teacher's features, and a TorchScript teacher"
                         " has none to read; use a model card with 'arch'")
-    dup_of, similarity, kind = duplicates(look, choice.scores, budget.near if budget.dedup == "near" else None)
-    if budget.dedup == "off":  # features only: keep every readable row
-        dup_of[dup_of >= 0] = -1
     skipped += [{"path": r["path"], "reason": e} for r, e in zip(rows, look.errors) if e]
+    readable = np.array([not e for e in look.errors], dtype=bool)
+    if budget.dedup == "off":  # features only: every readable row stays
+        return readable, look.features, 0
+    dup_of, similarity, kind = duplicates(look, choice.scores, budget.near if budget.dedup == "near" else None)
     dropped = np.flatnonzero(dup_of >= 0)
-    listed = write_index(out / "duplicates.tsv", ({"path": rows[i]["path"], "duplicate_of": rows[dup_of[i]]["path"],
-                                                   "kind": kind[i], "cosine": round(float(similarity[i]), 6)}
-                                                  for i in dropped), ["path", "duplicate_of", "kind", "cosine"])
-    return dup_of == -1, look.features, listed
+    files["duplicates"] = write_index(
+        out / "duplicates.tsv", ({"path": rows[i]["path"], "duplicate_of": rows[dup_of[i]]["path"], "kind": kind[i],
+                                  "cosine": round(float(similarity[i]), 6)} for i in dropped),
+        ["path", "duplicate_of", "kind", "cosine"])
+    return dup_of == -1, look.features, len(dropped)
 
 
 def _write_skipped(out: Path, skipped: list[dict]) -> Path:
