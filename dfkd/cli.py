@@ -31,6 +31,11 @@ INPUT_STD = typer.Option(None, "--input-std", help="Normalisation std per channe
 # Training commands share their loop flags (each overrides the config key of the same name).
 EPOCHS = typer.Option(None, help="Epochs (overrides the config).")
 STEPS = typer.Option(None, help="Train for this many steps instead of epochs.")
+DEDUP = typer.Option("near", help="Before the budget is spent, drop duplicates: near (the same bytes, or"
+                                  " thumbnails with cosine >= --near-duplicate), exact (the same bytes), off."
+                                  " Dropped rows are listed in duplicates.tsv.")
+NEAR_DUPLICATE = typer.Option(None, "--near-duplicate", help="Cosine of two images' 8x8 thumbnails from which they"
+                                                            " count as near duplicates (default 0.995).")
 BATCH_SIZE = typer.Option(None, help="Global batch size (overrides the config); under torchrun each of N ranks"
                                       " trains on 1/N of every batch.")
 TENSORBOARD = typer.Option(False, "--tensorboard", help="Also log the training metrics for TensorBoard in"
@@ -136,12 +141,8 @@ def select(
     score: str = typer.Option("noise", help="Scorer: noise (DFND), entropy, energy, random."),
     policy: Optional[str] = typer.Option(None, help="Policy (dfkd list policies); overrides --per-class/--global:"
                                                     " e.g. diverse (per-class, spread over k-means clusters)."),
-    dedup: str = typer.Option("near", help="Before the budget is spent, drop duplicates: near (the same bytes,"
-                                           " or thumbnails with cosine >= --near-duplicate), exact (the same"
-                                           " bytes), off. Dropped rows are listed in duplicates.tsv."),
-    near_duplicate: Optional[float] = typer.Option(None, "--near-duplicate",
-                                                   help="Cosine of two images' 8x8 thumbnails from which they count"
-                                                        " as near duplicates (default 0.995)."),
+    dedup: str = DEDUP,
+    near_duplicate: Optional[float] = NEAR_DUPLICATE,
     batch_size: int = typer.Option(256, help="Images per batch (per rank under torchrun)."),
     shard: Optional[str] = typer.Option(None, help="Score only slice I of N of the pool (I/N, from 0): for cluster"
                                                    " jobs without torchrun; then select with --merge."),
@@ -188,8 +189,7 @@ def select(
                                                 ("selected", *result.selected_quantiles.values())]))
     if result.skipped:
         err.print(f"[yellow]{result.skipped} file(s) skipped[/]: see {result.files['skipped']}")
-    if "duplicates" in result.files:
-        err.print(f"{result.duplicates} duplicate(s) left out before choosing: see {result.files['duplicates']}")
+    _left_out(result.duplicates, result.files)
     emit(result.files.get("selected", result.files["scores"]))
 
 
@@ -390,12 +390,14 @@ def expand(
     pu: Path = typer.Option(..., help="PU card written by dfkd pu-train."),
     positive: Path = POSITIVE,
     unlabeled: Path = UNLABELED,
-    out: Path = typer.Option(..., help="Run directory (expanded.tsv, pu_scores.tsv, skipped.tsv)."),
+    out: Path = typer.Option(..., help="Run directory (expanded.tsv, pu_scores.tsv, duplicates.tsv, skipped.tsv)."),
     threshold: float = typer.Option(0.0, help="Keep pool images with g(x) > threshold (reference: 0)."),
     num_images: Optional[int] = typer.Option(None, help="Keep the top N pool images instead of a threshold."),
     overwrite: bool = OVERWRITE,
     repeat_positive: int = typer.Option(1, help="Write the positives this many times."),
     teacher: Optional[Path] = typer.Option(None, help="Teacher card for per-class counts (default: the PU card's)."),
+    dedup: str = DEDUP,
+    near_duplicate: Optional[float] = NEAR_DUPLICATE,
     batch_size: int = typer.Option(256),
     workers: Optional[int] = WORKERS,
     device: str = DEVICE,
@@ -406,7 +408,8 @@ def expand(
 
     with progress("scoring") as update:
         r = run_expand(pu, positive, unlabeled, out, threshold=threshold, num=num_images,
-                       repeat_positive=repeat_positive, teacher=teacher, batch_size=batch_size, workers=workers,
+                       repeat_positive=repeat_positive, dedup=dedup, near=near_duplicate, teacher=teacher,
+                       batch_size=batch_size, workers=workers,
                        device=device, amp=amp, overwrite=overwrite, on_progress=update)
     if r is None:  # a rank other than 0
         return
@@ -416,7 +419,14 @@ def expand(
                                               ("positives", r.positives)]))
     if r.class_counts is not None:
         err.print(table("selected per teacher class", ["class", "count"], zip(r.classes, r.class_counts)))
+    _left_out(r.duplicates, r.files)
     emit(r.files["expanded"])
+
+
+def _left_out(duplicates: int, files: dict[str, Path]) -> None:
+    """select's and expand's line on the duplicates they dropped (none when --dedup off)."""
+    if "duplicates" in files:
+        err.print(f"{duplicates} duplicate(s) left out before choosing: see {files['duplicates']}")
 
 
 @command

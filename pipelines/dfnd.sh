@@ -5,7 +5,7 @@
 #
 # Several comma-separated teacher cards make an ensemble (MEAL V2's averaged softmax).
 # Environment: NUM (images to select, default 2000), STUDENT (arch or card, default resnet8),
-# CONFIG (distill YAML, default pipelines/configs/dfnd-default.yaml), EPOCHS (overrides the
+# CONFIG (distill YAML, default pipelines/configs/dfnd-default.yaml), EPOCHS or STEPS (override the
 # config), SEED (default 0), SELECT_ARGS / DISTILL_ARGS (extra flags, e.g. "--global").
 # Re-runnable: every step is run again and resumes where it stopped (a finished one is quick;
 # select selects again from its stored scores, so another NUM takes effect). A step whose inputs
@@ -26,7 +26,7 @@ dfkd select "${teachers[@]}" --pool "$pool" --out "$out/select" --num-images "$N
   ${SELECT_ARGS:-} >/dev/null
 dfkd distill "${teachers[@]}" --student "$STUDENT" --data "$out/select/selected.tsv" \
     --out "$out/distill" --config "$CONFIG" --seed "$SEED" ${EPOCHS:+--epochs "$EPOCHS"} \
-    ${DISTILL_ARGS:-} >/dev/null
+    ${STEPS:+--steps "$STEPS"} ${DISTILL_ARGS:-} >/dev/null
 if [ -n "$test" ]; then
   dfkd eval --model "$out/distill/student.yaml" --data "$test" --out "$out/eval" >/dev/null
 fi

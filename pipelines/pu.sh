@@ -6,7 +6,7 @@
 #
 # Environment: PRIOR (required: the share of the pool that looks like the positives),
 # STUDENT (default resnet8), CONFIG (distill YAML, default pipelines/configs/pu-default.yaml),
-# EPOCHS (distill epochs, overrides the config), PU_EPOCHS (default 10), SEED (default 0),
+# EPOCHS or STEPS (distill epochs or steps, override the config), PU_EPOCHS (default 10), SEED (default 0),
 # REPEAT_POSITIVE (default 1), PU_ARGS / EXPAND_ARGS / DISTILL_ARGS (extra flags).
 # Re-runnable: every step is run again and resumes where it stopped (a finished one is quick;
 # expand selects again from its stored scores). A step whose inputs
@@ -26,7 +26,7 @@ dfkd expand --pu "$out/pu/pu.yaml" --positive "$positives" --unlabeled "$pool" -
     --repeat-positive "${REPEAT_POSITIVE:-1}" ${EXPAND_ARGS:-} >/dev/null
 dfkd distill --teacher "$teacher" --student "$STUDENT" --data "$out/expand/expanded.tsv" \
     --out "$out/distill" --config "$CONFIG" --seed "$SEED" ${EPOCHS:+--epochs "$EPOCHS"} \
-    ${DISTILL_ARGS:-} >/dev/null
+    ${STEPS:+--steps "$STEPS"} ${DISTILL_ARGS:-} >/dev/null
 if [ -n "$test" ]; then
   dfkd eval --model "$out/distill/student.yaml" --data "$test" --out "$out/eval" >/dev/null
 fi

@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# The study behind the README's Results table: every row on the same OOD-heavy wild pool, same
-# teacher, same student (resnet8) and epochs, two seeds each. Re-runnable (finished runs are kept).
+# The study behind the README's Results tables: every row at the same training cost (STEPS
+# optimizer steps of 128 images), same teacher, same student (resnet8), two seeds each, on two
+# wild pools: the demo's (9,500 images, 21 % Fashion-MNIST) and a larger one (40,300 images,
+# 5 % Fashion-MNIST) where the budget (NUM = 2,000) is 5 % of the pool.
+# Re-runnable (finished runs are kept).
 #   pipelines/study.sh            -> runs/study/results.md
-# Settings: DATA (data/study), RUNS (runs/study), SEEDS ("0 1"), EPOCHS (20), NUM (2000).
+# Settings: DATA (data/study), LARGE (data/study-large), RUNS (runs/study), SEEDS ("0 1"),
+# STEPS (300 = 20 epochs of 2,000 images), NUM (2000), POOLS ("demo large"), PU_STEPS (750),
+# EPOCHS_VIEW=1 also trains the whole-set rows for 20 epochs (the equal-epochs table).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${DATA:-data/study} RUNS=${RUNS:-runs/study} SEEDS=${SEEDS:-0 1}
-export EPOCHS=${EPOCHS:-20} NUM=${NUM:-2000} STUDENT=resnet8
-# 20 positives per class = 2 % of the teacher's 10,000 training images.
+DATA=${DATA:-data/study} LARGE=${LARGE:-data/study-large} RUNS=${RUNS:-runs/study}
+SEEDS=${SEEDS:-0 1} POOLS=${POOLS:-demo large} PU_STEPS=${PU_STEPS:-750}
+export STEPS=${STEPS:-300} NUM=${NUM:-2000} STUDENT=resnet8
+# 20 positives per class = 2 % of the teacher's 10,000 training images. Both pools hold the same
+# 2,000 held-out Fashion-MNIST images; the larger one adds clip-art and many more font glyphs.
 python pipelines/prepare_data.py --out "$DATA" --positives-per-class 20 >/dev/null
+[[ " $POOLS " != *" large "* ]] || python pipelines/prepare_data.py --out "$LARGE" --positives-per-class 20 \
+  --pool-clipart 6800 --pool-glyphs 30000 >/dev/null
 teacher="$RUNS/teacher/model.yaml"
 [ -f "$RUNS/teacher/manifest.json" ] || \
   dfkd train --arch resnet20 --data "$DATA/train" --out "$RUNS/teacher" --epochs 12 >/dev/null
@@ -19,30 +28,62 @@ teacher2="$RUNS/teacher2/model.yaml"  # a second teacher, for the ensemble row
   dfkd train --arch resnet14 --data "$DATA/train" --out "$RUNS/teacher2" --epochs 12 --seed 1 >/dev/null
 [ -f "$RUNS/teacher2/eval/eval.json" ] || \
   dfkd eval --model "$teacher2" --data "$DATA/test" --write-card --out "$RUNS/teacher2/eval" >/dev/null
-kd="$(dirname "$0")/configs/kd.yaml"
-prior=$(awk -F'\t' 'NR > 1 { n++; if ($2 == "fashion") f++ } END { printf "%.4f", f / n }' "$DATA/wild_truth.tsv")
+kd="$(dirname "$0")/configs/kd.yaml" noisy="$(dirname "$0")/configs/dfnd-default.yaml"
+
+evaluate() {  # RUN_DIR CARD
+  [ -f "$1/eval/eval.json" ] || dfkd eval --model "$2" --data "$DATA/test" --out "$1/eval" >/dev/null
+}
+whole() {  # OUT DATA_DIR: train (labeled) or KD (any) on a whole set, at STEPS or EPOCHS_ARGS
+  local out=$1 data=$2
+  case "$out" in
+    */original*) [ -f "$out/manifest.json" ] || dfkd train --arch resnet8 --data "$data" --out "$out" \
+                     --seed "$SEED" $LENGTH >/dev/null; evaluate "$out" "$out/model.yaml" ;;
+    *) [ -f "$out/manifest.json" ] || dfkd distill --teacher "$teacher" --student resnet8 --data "$data" \
+           --out "$out" --config "$kd" --seed "$SEED" $LENGTH >/dev/null; evaluate "$out" "$out/student.yaml" ;;
+  esac
+}
 
 for seed in $SEEDS; do
   export SEED=$seed
   r="$RUNS/seed$seed"
-  [ -f "$r/original/manifest.json" ] || dfkd train --arch resnet8 --data "$DATA/train" --out "$r/original" \
-      --epochs "$EPOCHS" --seed "$seed" >/dev/null
-  [ -f "$r/original/eval/eval.json" ] || dfkd eval --model "$r/original/model.yaml" --data "$DATA/test" \
-      --out "$r/original/eval" >/dev/null
-  for src in original wild; do
-    d=$([ $src = original ] && echo "$DATA/train" || echo "$DATA/wild")
-    [ -f "$r/kd-$src/manifest.json" ] || dfkd distill --teacher "$teacher" --student resnet8 --data "$d" \
-        --out "$r/kd-$src" --config "$kd" --epochs "$EPOCHS" --seed "$seed" >/dev/null
-    [ -f "$r/kd-$src/eval/eval.json" ] || dfkd eval --model "$r/kd-$src/student.yaml" --data "$DATA/test" \
-        --out "$r/kd-$src/eval" >/dev/null
+  LENGTH="--steps $STEPS"
+  whole "$r/original" "$DATA/train"
+  whole "$r/kd-original" "$DATA/train"
+  if [ "${EPOCHS_VIEW:-0}" = 1 ]; then
+    LENGTH="--epochs 20"
+    whole "$r/original-epochs" "$DATA/train"
+    whole "$r/kd-original-epochs" "$DATA/train"
+  fi
+  for pool in $POOLS; do
+    d=$([ "$pool" = demo ] && echo "$DATA" || echo "$LARGE") p="$RUNS/$pool/seed$seed"
+    LENGTH="--steps $STEPS"
+    whole "$p/kd-wild" "$d/wild"
+    if [ "${EPOCHS_VIEW:-0}" = 1 ]; then
+      LENGTH="--epochs 20"
+      whole "$p/kd-wild-epochs" "$d/wild"
+    fi
+    SELECT_ARGS="--score random --global" pipelines/dfnd.sh "$teacher" "$d/wild" "$p/random" "$DATA/test" >/dev/null
+    SELECT_ARGS="--global" pipelines/dfnd.sh "$teacher" "$d/wild" "$p/dfnd-global" "$DATA/test" >/dev/null
+    pipelines/dfnd.sh "$teacher" "$d/wild" "$p/dfnd-per-class" "$DATA/test" >/dev/null
+    SELECT_ARGS="--dedup off" pipelines/dfnd.sh "$teacher" "$d/wild" "$p/dedup-off" "$DATA/test" >/dev/null
+    SELECT_ARGS="--policy diverse" pipelines/dfnd.sh "$teacher" "$d/wild" "$p/diverse" "$DATA/test" >/dev/null
+    # Online selection: the whole pool streamed; every batch of 640 keeps the 128 (20 %) images with
+    # the lowest noise value, so each step trains on as many images as the other rows.
+    [ -f "$p/online/manifest.json" ] || dfkd distill --teacher "$teacher" --student resnet8 --data "$d/wild" \
+        --out "$p/online" --config "$noisy" --seed "$seed" --steps "$STEPS" --batch-size 640 \
+        --set online.keep=0.2 >/dev/null
+    evaluate "$p/online" "$p/online/student.yaml"
+    prior=$(awk -F'\t' 'NR > 1 { n++; if ($2 == "fashion") f++ } END { printf "%.4f", f / n }' "$d/wild_truth.tsv")
+    # The PU classifier trains for PU_STEPS steps on either pool (750: 10 epochs of the demo's).
+    PRIOR=$prior PU_ARGS="--steps $PU_STEPS" pipelines/pu.sh "$teacher" "$DATA/positives" "$d/wild" "$p/pu" \
+      "$DATA/test" >/dev/null
+    if [ "$pool" = demo ]; then
+      pipelines/dfnd.sh "$teacher,$teacher2" "$d/wild" "$p/ensemble" "$DATA/test" >/dev/null
+      DISTILL_ARGS="--set align.weight=10 --set correlation.weight=20" \
+        pipelines/dfnd.sh "$teacher" "$d/wild" "$p/mlkd" "$DATA/test" >/dev/null
+    fi
   done
-  SELECT_ARGS="--score random --global" pipelines/dfnd.sh "$teacher" "$DATA/wild" "$r/random" "$DATA/test" >/dev/null
-  SELECT_ARGS="--global" pipelines/dfnd.sh "$teacher" "$DATA/wild" "$r/dfnd-global" "$DATA/test" >/dev/null
-  pipelines/dfnd.sh "$teacher" "$DATA/wild" "$r/dfnd-per-class" "$DATA/test" >/dev/null
-  pipelines/dfnd.sh "$teacher,$teacher2" "$DATA/wild" "$r/ensemble" "$DATA/test" >/dev/null
-  DISTILL_ARGS="--set align.weight=10 --set correlation.weight=20" \
-    pipelines/dfnd.sh "$teacher" "$DATA/wild" "$r/mlkd" "$DATA/test" >/dev/null
-  PRIOR=$prior pipelines/pu.sh "$teacher" "$DATA/positives" "$DATA/wild" "$r/pu" "$DATA/test" >/dev/null
 done
-python pipelines/study_table.py "$RUNS" "$DATA" > "$RUNS/results.md.tmp" && mv "$RUNS/results.md.tmp" "$RUNS/results.md"
+python pipelines/study_table.py "$RUNS" "$DATA" "$LARGE" > "$RUNS/results.md.tmp" \
+  && mv "$RUNS/results.md.tmp" "$RUNS/results.md"
 cat "$RUNS/results.md"

@@ -172,3 +172,22 @@ def test_missing_faiss_is_a_one_line_install_hint(monkeypatch):
     fresh = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fresh)
     assert fresh.exact_duplicates([b"x", b"x"], np.array([1, 0])).tolist() == [1, -1]
+
+
+def test_rows_kept_first_stay_and_rows_copying_them_go_whatever_their_scores(tmp_path):
+    """expand's positives: rows 0-1 must stay, and a better-scored row that copies one is dropped."""
+    from pathlib import Path
+
+    from dfkd.index import read_index
+    from dfkd.select.candidates import Look, drop_duplicates
+
+    thumbs = np.concatenate([at_angles(0, 90, 0.5, 45, 90.5), np.zeros((5, 62), np.float32)], axis=1)
+    look = Look([b"p0", b"p1", b"a", b"b", b"c"], thumbs, None, ["", "", "", "", ""])
+    paths = ["pos0", "pos1", "near-pos0", "other", "near-pos1"]
+    scores = np.array([5.0, 5.0, -1.0, 0.0, -2.0])  # the pool rows rank above the positives
+    keep, dropped, path = drop_duplicates(paths, scores, look, "near", 0.999, tmp_path, keep_first=2)
+    assert keep.tolist() == [True, True, False, True, False] and dropped == 2
+    rows = {Path(r["path"]).name: Path(r["duplicate_of"]).name for r in read_index(path).rows}
+    assert rows == {"near-pos0": "pos0", "near-pos1": "pos1"}
+    keep, _, _ = drop_duplicates(paths, scores, look, "near", 0.999, tmp_path, keep_first=0)
+    assert keep.tolist() == [False, False, True, True, True]  # without it, the copies would win

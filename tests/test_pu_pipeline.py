@@ -164,3 +164,50 @@ def test_pu_train_resumes_to_identical_weights_and_refuses_another_config(tmp_pa
     other = PuConfig(steps=6, batch_size=32, amp=False, checkpoint_every=2, nnpu={"prior": 0.4})
     with pytest.raises(DfkdError, match="other inputs.*config"):
         pu_train(teacher, pos, pool, tmp_path / "cut", other, workers=0, device="cpu")
+
+
+@pytest.mark.slow
+def test_expand_drops_copies_of_pool_images_and_of_positives(tmp_path, digits_folders, digits_teacher):
+    """Each of 40 pool digits is there twice more (a byte copy and a 2x upscale) and one positive is
+    in the pool too: the expanded set holds each picture once and no copy of a positive."""
+    train, test = digits_folders
+    pos, pool = tmp_path / "positives", tmp_path / "pool"
+    for c in sorted(p.name for p in train.iterdir()):
+        (pos / c).mkdir(parents=True)
+        for f in sorted((train / c).glob("*.png"))[:2]:
+            shutil.copy(f, pos / c / f.name)
+    for sub in ("a", "b", "c", "p"):
+        (pool / sub).mkdir(parents=True)
+    for i, f in enumerate(sorted(test.rglob("*.png"))[:40]):
+        shutil.copy(f, pool / "a" / f"{i:03d}.png")
+        shutil.copy(f, pool / "b" / f"{i:03d}.png")
+        with Image.open(f) as im:
+            im.resize((32, 32), Image.BICUBIC).save(pool / "c" / f"{i:03d}.png")
+    positive = sorted((pos / "3").glob("*.png"))[0]
+    shutil.copy(positive, pool / "p" / "copy.png")
+    r = pu_train(load_card(digits_teacher), pos, pool, tmp_path / "pu",
+                 PuConfig(steps=3, batch_size=32, amp=False, nnpu={"prior": 0.9}), workers=0, device="cpu")
+    everything = -1e9  # a threshold every image passes: only duplicates are left out
+    e = expand(r.card, pos, pool, tmp_path / "e", threshold=everything, workers=0, device="cpu")
+    picked = [Path(x["path"]) for x in read_index(e.files["expanded"]).rows if x["source"] == "pool"]
+    assert len(picked) == 40 and len({p.stem for p in picked}) == 40 and e.selected == 40
+    dups = {Path(d["path"]).relative_to(pool).as_posix(): d for d in read_index(e.files["duplicates"]).rows}
+    assert e.duplicates == len(dups) == 81
+    assert dups["p/copy.png"]["duplicate_of"] == str(positive.resolve()) and dups["p/copy.png"]["kind"] == "exact"
+    for d in dups.values():
+        assert Path(d["path"]).stem == Path(d["duplicate_of"]).stem or d["path"].endswith("copy.png"), d
+    assert {d["kind"] for d in dups.values()} == {"exact", "near"}
+    assert load_manifest_summary(e.files["manifest"])["duplicates"] == 81
+    plain = expand(r.card, pos, pool, tmp_path / "plain", threshold=everything, dedup="off", workers=0, device="cpu")
+    assert plain.selected == 121 and "duplicates" not in plain.files
+    few = expand(r.card, pos, pool, tmp_path / "few", num=30, workers=0, device="cpu")
+    assert few.selected == 30 and len({Path(x["path"]).stem for x in read_index(few.files["expanded"]).rows
+                                       if x["source"] == "pool"}) == 30
+    res = CliRunner().invoke(app, ["expand", "--pu", str(r.card), "--positive", str(pos), "--unlabeled", str(pool),
+                                   "--out", str(tmp_path / "x"), "--dedup", "fuzzy"])
+    assert res.exit_code == 2 and "--dedup 'fuzzy'" in res.stderr
+
+
+def load_manifest_summary(path):
+    import json
+    return json.loads(Path(path).read_text())["summary"]

@@ -2,7 +2,9 @@
 
 One pass of the scoring engine scores every pool image with the PU classifier and, beside it,
 the teacher (for the per-class summary), with deterministic preprocessing (no random crops).
-Like ``select``, it streams: scores go to disk, a run resumes, memory holds the chosen rows.
+Like ``select``, it streams: scores go to disk, a run resumes, memory holds the chosen rows;
+and like ``select`` it drops duplicates (same bytes, or near: cosine of 8×8 thumbnails) among
+the accepted images, and pool images copying a positive, before writing the expanded set.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from ..images import open_labeled, open_pool
 from ..index import Index, write_index
 from ..rundir import open_run, write_manifest
 from ..runtime import setup
+from ..select.candidates import SLACK, Look, check_dedup, drop_duplicates, look_again
+from ..select.dedup import NEAR_DUPLICATE_COSINE
 from ..select.policies import POLICIES, StreamingChoice
 from ..teacher import card_digest, load_teacher, teacher_inputs
 from .train import load_pu
@@ -36,6 +40,7 @@ class ExpandResult:
     class_counts: list[int] | None
     classes: list[str]
     files: dict[str, Path] = field(default_factory=dict)
+    duplicates: int = 0  # accepted pool images left out as duplicates (listed in files["duplicates"])
 
 
 def _positives(path: str | Path, classes: list[str] | None) -> Index:
@@ -50,20 +55,44 @@ def _positives(path: str | Path, classes: list[str] | None) -> Index:
     return index
 
 
+@dataclass
+class Acceptance:
+    """Which pool images the expanded set takes: those with g(x) > ``threshold``, or the ``num``
+    best; duplicates dropped first (``dedup`` as select's); positives written ``repeat_positive`` times."""
+    threshold: float | None = 0.0
+    num: int | None = None
+    repeat_positive: int = 1
+    dedup: str = "near"
+    near: float = NEAR_DUPLICATE_COSINE
+
+    def __post_init__(self) -> None:
+        if self.num is not None and self.num < 1:
+            raise DfkdError(f"--num-images {self.num}: must be at least 1")
+        if self.num is None and (self.threshold is None or not math.isfinite(self.threshold)):
+            raise DfkdError(f"--threshold {self.threshold}: must be a finite number")
+        if self.repeat_positive < 1:
+            raise DfkdError(f"--repeat-positive {self.repeat_positive}: must be at least 1")
+        check_dedup(self.dedup, self.near)
+
+    def options(self) -> dict:
+        return {"threshold": None if self.num is not None else self.threshold, "num": self.num,
+                "repeat_positive": self.repeat_positive, "dedup": self.dedup,
+                "near_duplicate": self.near if self.dedup == "near" else None}
+
+
 def expand(pu_card: str | Path, positive: str | Path, unlabeled: str | Path, out: str | Path, *,
            threshold: float | None = 0.0, num: int | None = None, repeat_positive: int = 1,
+           dedup: str = "near", near: float | None = None,
            teacher: str | Path | None = None, batch_size: int = 256, workers: int | None = None,
            device: str = "auto", amp: bool | None = None, overwrite: bool = False,
            on_progress: Callable[[int, int], None] | None = None) -> ExpandResult | None:
     """Write ``out/expanded.tsv`` (positives, then accepted pool images best first) and pu_scores.tsv.
 
-    The pool is scored by the engine (sharded under torchrun, resumable); rank 0 returns the result."""
-    if num is not None and num < 1:
-        raise DfkdError(f"--num-images {num}: must be at least 1")
-    if num is None and (threshold is None or not math.isfinite(threshold)):
-        raise DfkdError(f"--threshold {threshold}: must be a finite number")
-    if repeat_positive < 1:
-        raise DfkdError(f"--repeat-positive {repeat_positive}: must be at least 1")
+    The pool is scored by the engine (sharded under torchrun, resumable); rank 0 returns the result.
+    Unless ``dedup="off"``, rank 0 then reads the accepted images again (at most 4× ``num`` with
+    ``num``) and drops exact and near duplicates, of each other and of the positives, as
+    ``select`` does (listed in duplicates.tsv)."""
+    accept = Acceptance(threshold, num, repeat_positive, dedup, NEAR_DUPLICATE_COSINE if near is None else near)
     rt = setup(device, amp, workers)
     model, card, pu = load_pu(pu_card, rt.device)
     teacher_path = teacher or pu.get("teacher")
@@ -81,6 +110,9 @@ def expand(pu_card: str | Path, positive: str | Path, unlabeled: str | Path, out
         return [(float("nan"), -1, e or "PU score is not finite") if e or not ok else (float(o[0]), y, "")
                 for o, y, ok, e in zip(outputs, teacher_labels, finite, errors)]
 
+    def reader(paths: list[str]) -> Look:
+        return look_again(model, card.input, paths, rt, batch_size=batch_size)
+
     identity = {"pu": card_digest(card), "teacher": t.identity() if t else None}
     with open_run(out, "expand", rt.ranks) as run:
         segment = score_run(run, rt, unlabeled, "--unlabeled", identity, model, card.input, rows,
@@ -91,17 +123,17 @@ def expand(pu_card: str | Path, positive: str | Path, unlabeled: str | Path, out
                                        batch_size=batch_size, forward=both) for r in got]
         if not rt.ranks.main:
             return None
-        return _write(segment, pos, checked, Path(out), classes, t is not None, threshold=threshold, num=num,
-                      repeat_positive=repeat_positive, options={"threshold": None if num is not None else threshold,
-                                                                "num": num, "repeat_positive": repeat_positive,
-                                                                **rt.options()},
-                      inputs={"pu": pu_card, "positive": pos.source, "unlabeled": unlabeled,
-                              **(teacher_inputs(t.cards) if t else {})}, prior=pu.get("prior"))
+        inputs = {"pu": pu_card, "positive": pos.source, "unlabeled": unlabeled,
+                  **(teacher_inputs(t.cards) if t else {})}
+        return _write(segment, pos, checked, Path(out), accept, reader, classes if t else None,
+                      {"options": {**accept.options(), **rt.options()}, "inputs": inputs, "prior": pu.get("prior")})
 
 
-def _write(segment: Segment, pos: Index, checked: list[tuple], out: Path, classes: list[str], has_teacher: bool, *,
-           threshold: float | None, num: int | None, repeat_positive: int, options: dict, inputs: dict,
-           prior: float | None) -> ExpandResult:
+def _write(segment: Segment, pos: Index, checked: list[tuple], out: Path, accept: Acceptance,
+           reader: Callable[[list[str]], Look], classes: list[str] | None, record: dict) -> ExpandResult:
+    """Choose, write expanded.tsv, pu_scores.tsv, skipped.tsv, duplicates.tsv and the manifest.
+    ``classes``: the teacher's (None without a teacher: no per-class counts); ``record``: the
+    manifest's options, inputs and the PU card's prior."""
     skipped = list(segment.listing.problems)
     skipped += [{"path": r["path"], "reason": c[2]} for r, c in zip(pos.rows, checked) if c[2]]
     positives = [{**r, "source": "positive"} for r, c in zip(pos.rows, checked) if not c[2]]
@@ -109,7 +141,9 @@ def _write(segment: Segment, pos: Index, checked: list[tuple], out: Path, classe
         raise DfkdError(f"--positive {pos.source}: none of the positive images could be decoded")
     extra = [c for c in segment.listing.columns if c not in ("path", "label", "score", "source", "teacher_label")]
     columns = ["path", "label", "score", "source", "teacher_label", *extra]
-    choice = StreamingChoice(POLICIES.get("global"), num, len(classes))
+    num, dedup = accept.num, accept.dedup != "off"
+    choice = StreamingChoice(POLICIES.get("global"), num * SLACK if dedup and num is not None else num,
+                             len(classes or [0]))
     scored = 0
 
     def pool_rows() -> Iterator[dict]:
@@ -121,21 +155,34 @@ def _write(segment: Segment, pos: Index, checked: list[tuple], out: Path, classe
             scored += 1
             row = {**row, "label": -1, "score": g, "source": "pool", "teacher_label": y}
             yield row
-            if num is not None or g > threshold:
-                choice.push(-g, max(y, 0), row)  # best first = highest g(x); pruned to num when given
+            if num is not None or g > accept.threshold:
+                choice.push(-g, max(y, 0), row)  # best first = highest g(x); pruned when num is given
 
     files = {"pu_scores": write_index(out / "pu_scores.tsv", pool_rows(), columns)}
     if scored == 0:
         write_index(out / "skipped.tsv", skipped, ["path", "reason"])
         raise DfkdError(f"--unlabeled {segment.listing.source}: no image could be scored")
-    chosen = choice.result()
-    files["expanded"] = write_index(out / "expanded.tsv", positives * repeat_positive + chosen, columns)
+    keep, dropped = None, 0
+    if dedup and choice.candidates():
+        paths = [r["path"] for r in positives] + [r["path"] for r in choice.candidates()]
+        look = reader(paths)
+        scores = np.concatenate([np.zeros(len(positives)), choice.scores])
+        skipped += [{"path": p, "reason": e} for p, e in zip(paths[len(positives):], look.errors[len(positives):]) if e]
+        keep, dropped, files["duplicates"] = drop_duplicates(paths, scores, look, accept.dedup, accept.near, out,
+                                                             keep_first=len(positives))
+        keep = keep[len(positives):]
+    chosen = choice.result(num, keep)
+    files["expanded"] = write_index(out / "expanded.tsv", positives * accept.repeat_positive + chosen, columns)
     files["skipped"] = write_index(out / "skipped.tsv", skipped, ["path", "reason"])
-    labels = np.array([r["teacher_label"] for r in chosen], dtype=np.int64)
-    counts = np.bincount(labels, minlength=len(classes)).tolist() if has_teacher else None
+    counts = None
+    if classes is not None:
+        counts = np.bincount(np.array([r["teacher_label"] for r in chosen], dtype=np.int64),
+                             minlength=len(classes)).tolist()
     pool_size = segment.hi - segment.lo
-    files["manifest"] = write_manifest(
-        out, "expand", options, inputs,
-        summary={"pool": pool_size, "skipped": len(skipped), "selected": len(chosen),
-                 "positives": len(positives), "class_counts": counts, "prior": prior})
-    return ExpandResult(out, pool_size, len(skipped), len(chosen), len(positives), counts, classes, files)
+    summary = {"pool": pool_size, "skipped": len(skipped), "selected": len(chosen), "positives": len(positives),
+               "class_counts": counts, "prior": record["prior"]}
+    if "duplicates" in files:
+        summary["duplicates"] = dropped
+    files["manifest"] = write_manifest(out, "expand", record["options"], record["inputs"], summary=summary)
+    return ExpandResult(out, pool_size, len(skipped), len(chosen), len(positives), counts,
+                        classes or [], files, dropped)

@@ -20,20 +20,26 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import shards
 from ..dist import SINGLE
 from ..engine import stream
+from ..errors import DfkdError
+from ..index import write_index
 from ..models.features import FeatureTap
 from ..runtime import Runtime
 from ..teacher import Teacher
+from ..images import InputSpec
 from .dedup import exact_duplicates, near_duplicates, unit_rows
 
+DEDUP = ("near", "exact", "off")  # what --dedup may say
 SLACK = 4  # candidates kept while streaming, as a multiple of the budget, when some may be dropped
 THUMB = 8  # thumbnail side: THUMB × THUMB grey values
 
@@ -53,10 +59,11 @@ class Look:
     errors: list[str]  # "" where the row was read again
 
 
-def look_again(teacher: Teacher, paths: Sequence[str], rt: Runtime, *, features: bool,
-               batch_size: int = 256) -> Look:
-    """Content digests (BLAKE2b of the bytes), thumbnails and, with ``features`` (and a teacher
-    that is not TorchScript), the teacher's features."""
+def look_again(model: nn.Module, spec: InputSpec, paths: Sequence[str], rt: Runtime, *,
+               features_of: nn.Module | None = None, what: str = "model", batch_size: int = 256) -> Look:
+    """Content digests (BLAKE2b of the bytes) and thumbnails of ``paths``, decoded as ``spec``
+    says; with ``features_of`` (a model, not TorchScript), also the input of its last linear
+    layer (``what`` names it in errors). ``model`` runs only for the features."""
     digests, errors = [], []
     for p in paths:
         try:
@@ -65,28 +72,37 @@ def look_again(teacher: Teacher, paths: Sequence[str], rt: Runtime, *, features:
         except OSError as e:
             digests.append(b"")
             errors.append(f"not readable when selecting ({e.strerror or e})")
-    features = features and not isinstance(teacher.members[0], torch.jit.ScriptModule)
-    tap = FeatureTap(teacher.members[0], f"--teacher {teacher.card.path}") if features else None
+    tap = FeatureTap(features_of, what) if features_of is not None else None
 
-    def forward(model, x):
+    def forward(m, x):
         if tap is None:
             return thumbnail(x)
-        model(x)
+        m(x)
         return torch.cat([thumbnail(x), tap.value.float()], 1)
 
     def rows(out: torch.Tensor, labels, batch_paths, batch_errors) -> list[tuple]:
         return [(o.numpy(), e) for o, e in zip(out, batch_errors)]
 
     try:
-        got = [r for step in stream(teacher.model, teacher.card.input, lambda: ({"path": p} for p in paths),
-                                    len(paths), rows, replace(rt, ranks=SINGLE), batch_size=batch_size,
-                                    forward=forward) for r in step]
+        got = [r for step in stream(model, spec, lambda: ({"path": p} for p in paths), len(paths), rows,
+                                    replace(rt, ranks=SINGLE), batch_size=batch_size, forward=forward)
+               for r in step]
     finally:
         if tap is not None:
             tap.remove()
     errors = [e or (f"not decodable when selecting ({b})" if b else "") for e, (_, b) in zip(errors, got)]
-    out = np.stack([o for o, _ in got]).astype(np.float32)
-    return Look(digests, out[:, :THUMB * THUMB], out[:, THUMB * THUMB:] if features else None, errors)
+    out = np.stack([o for o, _ in got]).astype(np.float32) if got else np.zeros((0, THUMB * THUMB), np.float32)
+    return Look(digests, out[:, :THUMB * THUMB], out[:, THUMB * THUMB:] if tap is not None else None, errors)
+
+
+def teacher_look(teacher: Teacher, paths: Sequence[str], rt: Runtime, *, features: bool,
+                 batch_size: int = 256) -> Look:
+    """:func:`look_again` with the teacher's input; ``features``: the first teacher's (none for
+    a TorchScript teacher, whose layers cannot be tapped)."""
+    tapped = features and not isinstance(teacher.members[0], torch.jit.ScriptModule)
+    return look_again(teacher.model, teacher.card.input, paths, rt,
+                      features_of=teacher.members[0] if tapped else None,
+                      what=f"--teacher {teacher.card.path}", batch_size=batch_size)
 
 
 def duplicates(look: Look, scores: np.ndarray, near: float | None,
@@ -114,3 +130,30 @@ def duplicates(look: Look, scores: np.ndarray, near: float | None,
         similarity[rest[hit]] = np.einsum("ij,ij->i", f[rest[hit]], f[rest[of[hit]]])
         kind[rest[hit]] = "near"
     return dup_of, similarity, kind
+
+
+def check_dedup(dedup: str, near: float) -> None:
+    """--dedup and --near-duplicate, checked before any work."""
+    if dedup not in DEDUP:
+        raise DfkdError(f"--dedup {dedup!r}: expected one of {', '.join(DEDUP)}")
+    if not -1 <= near <= 1:
+        raise DfkdError(f"--near-duplicate {near}: a cosine similarity, in [-1, 1]")
+
+
+def drop_duplicates(paths: Sequence[str], scores: np.ndarray, look: Look, dedup: str, near: float,
+                    out: Path, keep_first: int = 0) -> tuple[np.ndarray, int, Path]:
+    """Mark the duplicates among read-again rows and list them in ``out/duplicates.tsv``
+    (path, duplicate_of, kind, cosine): (mask of the rows kept — readable, not duplicates —,
+    how many were dropped, the file). ``dedup`` is "near" or "exact". The first ``keep_first``
+    rows are kept whatever they copy and come first in the order (rows that must stay, e.g. PU's
+    positives: rows copying them are dropped); the rest go by ascending ``scores``."""
+    scores = np.asarray(scores, dtype=np.float64).copy()
+    scores[:keep_first] = -np.inf
+    dup_of, similarity, kind = duplicates(look, scores, near if dedup == "near" else None)
+    dup_of[:keep_first] = np.minimum(dup_of[:keep_first], -1)
+    dropped = np.flatnonzero(dup_of >= 0)
+    path = write_index(out / "duplicates.tsv",
+                       ({"path": paths[i], "duplicate_of": paths[dup_of[i]], "kind": kind[i],
+                         "cosine": round(float(similarity[i]), 6)} for i in dropped),
+                       ["path", "duplicate_of", "kind", "cosine"])
+    return dup_of == -1, len(dropped), path

@@ -26,13 +26,12 @@ from ..pool import Listing
 from ..rundir import RunDir, open_run, write_manifest
 from ..runtime import Runtime, setup
 from ..teacher import Teacher, load_teacher, teacher_inputs
-from .candidates import SLACK, Look, duplicates, look_again
+from .candidates import SLACK, Look, check_dedup, drop_duplicates, teacher_look
 from .dedup import NEAR_DUPLICATE_COSINE
 from .policies import POLICIES, StreamingChoice
 from .scores import SCORERS
 
 ROW_TYPES = (int, float, float, str)  # label, score, confidence, reason ("" = scored)
-DEDUP = ("near", "exact", "off")
 Reader = Callable[[list[str], bool], Look]  # candidate paths, want features -> digests, thumbnails, features
 
 
@@ -81,10 +80,7 @@ class Budget:
             raise DfkdError(f"--max-score {self.max_score}: must be a finite number")
         if self.policy not in POLICIES:
             raise DfkdError(f"--policy {self.policy!r}: expected one of {', '.join(POLICIES.keys())}")
-        if self.dedup not in DEDUP:
-            raise DfkdError(f"--dedup {self.dedup!r}: expected one of {', '.join(DEDUP)}")
-        if not -1 <= self.near <= 1:
-            raise DfkdError(f"--near-duplicate {self.near}: a cosine similarity, in [-1, 1]")
+        check_dedup(self.dedup, self.near)
 
     def k(self, scored: int) -> int | None:
         """How many images to keep out of ``scored`` (None: all that pass ``max_score``)."""
@@ -206,7 +202,7 @@ def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path, *, num: int 
 
 
 def _reader(teacher: Teacher, rt: Runtime, batch_size: int) -> Reader:
-    return lambda paths, features: look_again(teacher, paths, rt, features=features, batch_size=batch_size)
+    return lambda paths, features: teacher_look(teacher, paths, rt, features=features, batch_size=batch_size)
 
 
 def _is_shard(d: Path) -> bool:
@@ -218,7 +214,7 @@ def finish(segments: list[Segment], card: ModelCard, out: Path, budget: Budget |
     """Write scores.tsv, skipped.tsv and (with a ``budget``; a shard has none) selected.tsv from
     the scored rows, streaming: the pool's scores are held as float32 (4 bytes an image), rows
     only if chosen. When duplicates are dropped or the policy needs features, the candidates are
-    read again by ``reader`` (:func:`~dfkd.select.candidates.look_again`) and the duplicates are
+    read again by ``reader`` (:func:`~dfkd.select.candidates.teacher_look`) and the duplicates are
     listed in duplicates.tsv. ``options`` and ``inputs`` go to the manifest."""
     values = np.fromiter((r[1] for s in segments for r in s.rows if not r[3]), dtype=np.float32)
     if len(values) == 0:
@@ -284,13 +280,9 @@ def _second_look(choice: StreamingChoice, budget: Budget, needs_features: bool, 
     readable = np.array([not e for e in look.errors], dtype=bool)
     if budget.dedup == "off":  # features only: every readable row stays
         return readable, look.features, 0
-    dup_of, similarity, kind = duplicates(look, choice.scores, budget.near if budget.dedup == "near" else None)
-    dropped = np.flatnonzero(dup_of >= 0)
-    files["duplicates"] = write_index(
-        out / "duplicates.tsv", ({"path": rows[i]["path"], "duplicate_of": rows[dup_of[i]]["path"], "kind": kind[i],
-                                  "cosine": round(float(similarity[i]), 6)} for i in dropped),
-        ["path", "duplicate_of", "kind", "cosine"])
-    return dup_of == -1, look.features, len(dropped)
+    keep, dropped, files["duplicates"] = drop_duplicates([r["path"] for r in rows], choice.scores, look,
+                                                         budget.dedup, budget.near, out)
+    return keep, look.features, dropped
 
 
 def _write_skipped(out: Path, skipped: list[dict]) -> Path:
