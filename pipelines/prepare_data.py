@@ -265,6 +265,25 @@ class GlyphRenderer:
 # Writing
 # --------------------------------------------------------------------------- #
 
+def inject_copies(root: Path, rows: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    """Store every listed image 3 more times beside it (NAME.up2.png: 2x bicubic upscale,
+    NAME.q75.jpg: JPEG at quality 75, NAME.s34.png: 3/4 size): a pool with injected duplicates.
+    Returns their truth rows (same source and label as the original)."""
+    made = []
+    for rel, source, label in rows:
+        path = root / rel
+        with Image.open(path) as im:
+            im = im.copy()
+        w, h = im.size
+        for suffix, copy in ((".up2.png", im.resize((2 * w, 2 * h), Image.Resampling.BICUBIC)),
+                             (".q75.jpg", im),
+                             (".s34.png", im.resize((max(1, 3 * w // 4), max(1, 3 * h // 4)), Image.Resampling.LANCZOS))):
+            out = path.with_name(path.stem + suffix)
+            copy.save(out, quality=75) if suffix.endswith(".jpg") else copy.save(out)
+            made.append((str(Path(rel).with_name(out.name)), source, label))
+    return made
+
+
 def save_png(arr_or_img, path: Path) -> None:
     img = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(np.ascontiguousarray(arr_or_img, dtype=np.uint8))
     img.save(path, format="PNG", optimize=False, compress_level=6)
@@ -284,6 +303,7 @@ def args_record(args: argparse.Namespace) -> dict:
         "fashion_dir": str(Path(args.fashion_dir).resolve()),
         "clipart_dir": str(Path(args.clipart_dir).resolve()),
         "fonts_dir": str(Path(args.fonts_dir).resolve()),
+        **({"copies": True} if args.copies else {}),  # absent when off: sets prepared before it stay valid
     }
 
 
@@ -437,6 +457,11 @@ def build(args: argparse.Namespace, root: Path) -> list[str]:
     else:
         line("wild/digits", 0, "(--pool-digits 0)")
 
+    if args.copies:
+        copies = inject_copies(root, truth)
+        truth += copies
+        line("wild copies", len(copies), "(every wild image again: 2x upscale, JPEG-75, 3/4 size)")
+
     with open(root / "wild_truth.tsv", "w", encoding="utf-8", newline="\n") as f:
         f.write("path\tsource\tlabel\n")
         for path, source, label in truth:
@@ -477,6 +502,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fashion-dir", default=DEFAULT_FASHION_DIR, help=f"Fashion-MNIST .gz files (default {DEFAULT_FASHION_DIR})")
     p.add_argument("--clipart-dir", default=DEFAULT_CLIPART_DIR, help=f"clip-art PNG tree (default {DEFAULT_CLIPART_DIR})")
     p.add_argument("--fonts-dir", default=DEFAULT_FONTS_DIR, help=f".ttf fonts (default {DEFAULT_FONTS_DIR})")
+    p.add_argument("--copies", action="store_true",
+                   help="also store every wild image 3 more times: a 2x upscale, a JPEG-75 re-encode and a"
+                        " 3/4-size copy (a pool with injected duplicates)")
     args = p.parse_args(argv)
     if args.positives_per_class > args.train_per_class:
         p.error(f"--positives-per-class ({args.positives_per_class}) cannot exceed --train-per-class ({args.train_per_class})")

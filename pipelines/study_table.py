@@ -2,7 +2,7 @@
 """Collect the study's runs into Markdown tables: mean and spread (min-max) over seeds, one table
 per wild pool at equal steps, and the equal-epochs table when its runs exist.
 
-    python pipelines/study_table.py RUNS DATA [LARGE]
+    python pipelines/study_table.py RUNS DATA [LARGE [COPIES]]
 """
 import glob
 import json
@@ -39,8 +39,9 @@ def in_dist(index, data):
     return json.loads(out.stdout)
 
 
-def row(runs, key, name, data=None):
-    """One table line for runs/seed*/key, or None when no seed has finished it."""
+def row(runs, key, name, data=None, pictures=False):
+    """One table line for runs/seed*/key, or None when no seed has finished it; ``pictures``: say
+    how many distinct pictures the (first seed's) selection holds."""
     evals = sorted(glob.glob(os.path.join(runs, "seed*", key, "eval", "eval.json")))
     if not evals:
         return None
@@ -53,6 +54,8 @@ def row(runs, key, name, data=None):
         if data and os.path.isfile(index):
             t = in_dist(index, data)
             used = f"{t['selected']:,} ({t['in_distribution_share']:.2f}){extra}"
+            if pictures:
+                used += f", {t['distinct_pictures']:,} distinct pictures"
     return f"| {name} | {mean:.4f} ± {half:.4f} | {len(accs)} | {used} |"
 
 
@@ -64,14 +67,14 @@ def pool_size(data):
 def table(runs, pools, suffix=""):
     """The rows trained on whole sets (with ``suffix``) and every pool's rows, one table each."""
     lines = []
-    for title, pool_runs, data in pools:
+    for title, pool_runs, data, pictures in pools:
         size = pool_size(data)
         lines += ["", f"**{title}** ({size:,} images, {in_dist_share(data):.0%} Fashion-MNIST)", "", HEADER]
         lines += [r for key, name in WHOLE if (r := row(runs, key + suffix, name))]
         for key, name in POOL:
             if suffix and key != "kd-wild":
                 continue
-            r = row(pool_runs, key + suffix, name.format(pool=f"{size:,}"), data)
+            r = row(pool_runs, key + suffix, name.format(pool=f"{size:,}"), data, pictures)
             if r:
                 lines.append(r)
     return lines
@@ -83,15 +86,18 @@ def in_dist_share(data):
     return kinds.count("fashion") / len(kinds)
 
 
-def main(runs, data, large=None):
+def main(runs, data, large=None, copies=None):
     out = ["| teacher | top-1 | trained on |", "| --- | --- | --- |",
            f"| resnet20 | {load(os.path.join(runs, 'teacher', 'eval', 'eval.json'))['top1']:.4f} | 10,000 labeled |"]
     second = os.path.join(runs, "teacher2", "eval", "eval.json")
     if os.path.isfile(second):
         out.append(f"| resnet14 (the ensemble's second) | {load(second)['top1']:.4f} | 10,000 labeled |")
-    pools = [("Demo pool", os.path.join(runs, "demo"), data)]
+    pools = [("Demo pool", os.path.join(runs, "demo"), data, False)]
     if large and os.path.isdir(os.path.join(runs, "large")):
-        pools.append(("Larger pool", os.path.join(runs, "large"), large))
+        pools.append(("Larger pool", os.path.join(runs, "large"), large, False))
+    if copies and os.path.isdir(os.path.join(runs, "copies")):
+        pools.append(("Demo pool with every image 3 more times (2x upscale, JPEG-75, 3/4 size)",
+                      os.path.join(runs, "copies"), copies, True))
     out += ["", "### Equal steps", *table(runs, pools)]
     if glob.glob(os.path.join(runs, "seed*", "*-epochs")):
         out += ["", "### Equal epochs (20): the whole-set rows; selection rows are the same runs as above",
@@ -100,4 +106,4 @@ def main(runs, data, large=None):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

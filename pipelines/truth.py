@@ -4,13 +4,17 @@
     python pipelines/truth.py SELECTED.tsv DATA/wild_truth.tsv
 
 Prints one line of JSON: selected, in-distribution share of the selection and of the pool,
-recall of in-distribution images, and agreement of the teacher's label with the true class.
+recall of in-distribution images, agreement of the teacher's label with the true class, and
+how many distinct pictures the selection holds (copies made by prepare_data.py --copies count once).
 Only for the demo data, whose truth is known; not part of the library.
 """
 import csv
 import json
 import os
+import re
 import sys
+
+COPY = re.compile(r"\.(up2\.png|q75\.jpg|s34\.png)$")  # prepare_data.py --copies: NAME.up2.png is NAME.png again
 
 
 def read(path):
@@ -34,6 +38,7 @@ def main(selected_path, truth_path):
         "pool_in_distribution_share": round(pool_in / max(1, len(truth)), 4),
         "in_distribution_recall": round(len(in_dist) / max(1, pool_in), 4),
         "teacher_label_agreement": round(agree / max(1, len(in_dist)), 4),
+        "distinct_pictures": len({COPY.sub(".png", r["path"]) for r in selected}),
     }))
 
 

@@ -164,3 +164,23 @@ def test_refuses_foreign_folder(tmp_path):
     assert r.returncode == 2
     assert "not empty" in r.stderr
     assert (tmp_path / "mine.txt").is_file()
+
+
+def test_copies_store_every_wild_image_three_more_times(tmp_path):
+    out = tmp_path / "data"
+    r = run("--out", out, *TINY, "--pool-clipart", "0", "--pool-glyphs", "0", "--pool-digits", "0", "--copies")
+    assert r.returncode == 0, r.stderr
+    originals = pngs(out / "wild" / "fashion")
+    originals = [p for p in originals if p.suffixes == [".png"]]
+    assert len(originals) == 10
+    for p in originals:
+        with Image.open(p.with_name(p.stem + ".up2.png")) as up, Image.open(p.with_name(p.stem + ".s34.png")) as small, \
+                Image.open(p.with_name(p.stem + ".q75.jpg")) as jpeg:
+            assert up.size == (56, 56) and small.size == (21, 21) and jpeg.format == "JPEG"
+    truth = (out / "wild_truth.tsv").read_text().splitlines()[1:]
+    assert len(truth) == 40 and len({ln.split("\t")[0] for ln in truth}) == 40
+    assert sum(ln.startswith(f"wild/fashion/{originals[0].stem}.") for ln in truth) == 4
+    assert "wild copies" in r.stderr
+    again = run("--out", out, *TINY, "--pool-clipart", "0", "--pool-glyphs", "0", "--pool-digits", "0")
+    assert again.returncode == 0 and "already prepared" not in again.stderr  # another set: rebuilt
+    assert not list((out / "wild" / "fashion").glob("*.up2.png"))
