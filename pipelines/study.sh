@@ -9,7 +9,7 @@
 # Settings: DATA (data/study), LARGE (data/study-large), COPIES (data/study-copies), RUNS
 # (runs/study), SEEDS ("0 1"), STEPS (300 = 20 epochs of 2,000 images), NUM (2000), POOLS
 # ("demo large copies"), PU_STEPS (750); EPOCHS_VIEW=1 also trains the whole-set rows for 20
-# epochs (the equal-epochs table).
+# epochs (the equal-epochs table); EXTRA=1 adds the ensemble and MLKD rows on the demo pool.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-data/study} LARGE=${LARGE:-data/study-large} COPIES=${COPIES:-data/study-copies}
@@ -76,24 +76,29 @@ row() {  # POOL_RUNS POOL_DATA ROW: one row of a pool's table (SEED set)
 
 for seed in $SEEDS; do
   export SEED=$seed
-  r="$RUNS/seed$seed"
-  LENGTH="--steps $STEPS"
-  whole "$r/original" "$DATA/train"
-  whole "$r/kd-original" "$DATA/train"
+  LENGTH="--steps $STEPS" whole "$RUNS/seed$seed/original" "$DATA/train"
+  LENGTH="--steps $STEPS" whole "$RUNS/seed$seed/kd-original" "$DATA/train"
   if [ "${EPOCHS_VIEW:-0}" = 1 ]; then
-    LENGTH="--epochs 20" whole "$r/original-epochs" "$DATA/train"
-    LENGTH="--epochs 20" whole "$r/kd-original-epochs" "$DATA/train"
+    LENGTH="--epochs 20" whole "$RUNS/seed$seed/original-epochs" "$DATA/train"
+    LENGTH="--epochs 20" whole "$RUNS/seed$seed/kd-original-epochs" "$DATA/train"
   fi
+done
+# Row by row, both seeds of a row together; the online rows (the costliest) last.
+for pass in offline online; do
   for pool in $POOLS; do
     case $pool in
-      demo) d=$DATA rows="kd-wild random dfnd-global dfnd-per-class dedup-off diverse online pu ensemble mlkd" ;;
-      large) d=$LARGE rows="kd-wild random dfnd-global dfnd-per-class dedup-off diverse online pu" ;;
+      demo) d=$DATA rows="kd-wild random dfnd-global dfnd-per-class dedup-off diverse pu online" ;;
+      large) d=$LARGE rows="kd-wild random dfnd-global dfnd-per-class dedup-off diverse pu online" ;;
       copies) d=$COPIES rows="dfnd-per-class dedup-off" ;;
       *) echo "POOLS: unknown pool '$pool' (demo, large, copies)" >&2; exit 2 ;;
     esac
-    [ "${EPOCHS_VIEW:-0}" = 1 ] && [ "$pool" != copies ] && rows="$rows kd-wild-epochs"
+    [ "$pool" = demo ] && [ "${EXTRA:-0}" = 1 ] && rows="$rows ensemble mlkd"
+    [ "$pool" != copies ] && [ "${EPOCHS_VIEW:-0}" = 1 ] && rows="$rows kd-wild-epochs"
     for name in $rows; do
-      LENGTH="--steps $STEPS" row "$RUNS/$pool/seed$seed" "$d" "$name"
+      { [ "$name" = online ] && [ $pass = offline ]; } || { [ "$name" != online ] && [ $pass = online ]; } && continue
+      for seed in $SEEDS; do
+        SEED=$seed LENGTH="--steps $STEPS" row "$RUNS/$pool/seed$seed" "$d" "$name"
+      done
     done
   done
 done

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from dfkd.cards import build_arch, load_card, read_state_dict, save_card
+from dfkd.cards import build_arch, load_card, read_state_dict, save_card, update_card
 from dfkd.cli import app
 from dfkd.config import resolve_config
 from dfkd.distill.run import default_config, distill
@@ -167,6 +167,10 @@ def test_interrupted_distill_resumes_to_identical_weights(tmp_path, digits_folde
         ca = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)["objective"]
         cb = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["objective"]
         assert torch.equal(ca["base.theta"], cb["base.theta"]) and ca["base.theta"].abs().sum() > 0  # θ learned, resumed
+    if method == "robust":  # a finished run again keeps its card as eval --write-card left it
+        update_card(tmp_path / "cut" / "student.yaml", accuracy=0.5)
+        done = distill(teacher, "resnet8", data, tmp_path / "cut", c, workers=0, device="cpu")
+        assert done.resumed_from == done.steps == 18 and load_card(done.card).accuracy == 0.5
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from dfkd.cards import load_card, load_model
+from dfkd.cards import load_card, load_model, update_card
 from dfkd.cli import app
 from dfkd.evaluate import evaluate
 from dfkd.train.classifier import train_classifier
@@ -49,6 +49,10 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path: Path, patter
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # no step logged twice after the resume
+    update_card(tmp_path / "cut" / "model.yaml", accuracy=0.5)  # as eval --write-card does
+    done = train_classifier("resnet8", pattern_folder, tmp_path / "cut", cfg, val_split=0.2, workers=0, device="cpu")
+    assert done.resumed_from == done.steps == 9
+    assert yaml.safe_load((tmp_path / "cut" / "model.yaml").read_text())["accuracy"] == 0.5  # not written over
 
 
 @pytest.mark.slow
