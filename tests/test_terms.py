@@ -21,6 +21,7 @@ from dfkd.distill.objectives import build_objective, make_extra_optimizers
 from dfkd.train.objective import Batch
 from dfkd.distill.terms import (TERM_DEFAULTS, WithTerms, align_loss, correlation_loss, discriminator_losses,
                                online_keep)
+from dfkd.cards import load_card
 from dfkd.errors import DfkdError
 from dfkd.select.scores import noise_value
 from dfkd.images import InputSpec
@@ -103,23 +104,42 @@ def test_h_and_discriminator_train():
 def test_online_selection_trains_on_the_lowest_noise_share_of_each_batch():
     torch.manual_seed(0)
     t_logits = torch.randn(10, 4) * torch.linspace(0.1, 5, 10)[:, None]  # later rows more confident
-    s_logits = torch.randn(10, 4, requires_grad=True)
-    labels = torch.full((10,), -1)
     keep = {k: dict(v) for k, v in TERM_DEFAULTS.items()}
     keep["online"]["keep"] = 0.3
     online = WithTerms(build_objective("kd", 4), 4, keep)
-    rows = online_keep(t_logits, 0.3)
+    rows = online.rows(t_logits)
     noise = noise_value(t_logits)
     assert len(rows) == 3 and set(rows.tolist()) == set(noise.argsort()[:3].tolist())
-    out = online(Batch(s_logits, labels, t_logits))
-    plain = WithTerms(build_objective("kd", 4), 4)(Batch(s_logits[rows], labels[rows], t_logits[rows]))
-    assert torch.equal(out["loss"], plain["loss"])  # the KD of the kept rows, nothing else
-    out["loss"].backward()
-    touched = (s_logits.grad.abs().sum(1) > 0).nonzero().squeeze(1)
-    assert sorted(touched.tolist()) == sorted(rows.tolist())  # the other rows get no gradient
+    assert torch.equal(rows, online_keep(t_logits, 0.3)) and WithTerms(build_objective("kd", 4), 4).rows(t_logits) is None
     assert "online selection" in online.describe() and "online" not in WithTerms(build_objective("kd", 4), 4).describe()
     assert len(online_keep(t_logits[:1], 0.01)) == 1  # never an empty batch
     for bad in (0, 1.5, True):
         keep["online"]["keep"] = bad
         with pytest.raises(DfkdError, match="online.keep"):
             WithTerms(build_objective("kd", 4), 4, keep)
+
+
+def test_online_selection_runs_the_student_on_the_kept_rows_only(tmp_path, pattern_folder, random_teacher, monkeypatch):
+    """The loop asks the objective for the rows before the student's forward: the student's
+    outputs, the labels and the teacher's logits of each step are those of the kept rows."""
+    from dfkd.distill.run import default_config, distill
+
+    seen = []
+    rows_of, forward = WithTerms.rows, WithTerms.forward
+
+    def rows(self, t_logits):
+        got = rows_of(self, t_logits)
+        seen.append([t_logits.clone(), got])
+        return got
+
+    def checked_forward(self, batch):
+        full, kept = seen[-1]
+        seen[-1].append((len(batch.outputs), torch.equal(batch.teacher_logits, full[kept])))
+        return forward(self, batch)
+
+    monkeypatch.setattr(WithTerms, "rows", rows)
+    monkeypatch.setattr(WithTerms, "forward", checked_forward)
+    c = default_config()
+    c.update(method="kd", steps=3, batch_size=8, amp=False, online={"keep": 0.25})
+    distill(load_card(random_teacher), "resnet8", [str(pattern_folder)], tmp_path / "s", c, workers=0, device="cpu")
+    assert len(seen) == 3 and all(len(full) == 8 and s == (2, True) for full, _, s in seen)

@@ -10,9 +10,10 @@ terms to its loss.
 * discriminator (MEAL V2, Sec. 3.3): a 3-layer MLP D on the softmax vectors learns teacher = 1,
   student = 0 (its own Adam); the student adds BCE(D(p_S), 1) to fool it.
 * online selection (DFND's selection done per batch, as MMRazor's DFND implementation does):
-  with ``online.keep`` = f < 1, every loss is computed on the ⌈f·B⌉ images of the batch with the
-  lowest teacher noise value V(x) (the ``noise`` scorer of ``dfkd select``); the others only pass
-  through the networks. A whole pool can then be distilled on, filtered batch by batch.
+  with ``online.keep`` = f < 1, :meth:`WithTerms.rows` gives the loop the ⌈f·B⌉ images of the
+  batch with the lowest teacher noise value V(x) (the ``noise`` scorer of ``dfkd select``), and
+  only they go through the student and into the losses; the others cost a teacher forward. A
+  whole pool can then be distilled on, filtered batch by batch.
 """
 from __future__ import annotations
 
@@ -103,10 +104,6 @@ class WithTerms(LoopObjective):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         s_logits, t_logits, labels, features = batch.outputs, batch.teacher_logits, batch.labels, batch.features
-        if self.terms["online"]["keep"] < 1:
-            rows = online_keep(t_logits, self.terms["online"]["keep"])
-            s_logits, t_logits, labels = s_logits[rows], t_logits[rows], labels[rows]
-            features = tuple(f[rows] for f in features) if features is not None else None
         out = dict(self.base(s_logits, t_logits, labels))
         loss = out["loss"]
         if self.h is not None:
@@ -122,6 +119,11 @@ class WithTerms(LoopObjective):
             loss = loss + self.terms["discriminator"]["weight"] * out["fool"] + out["disc"]
         out["loss"] = loss
         return out
+
+    def rows(self, teacher_logits: torch.Tensor) -> torch.Tensor | None:
+        """Online selection: the ⌈keep·B⌉ rows with the lowest noise value (None: keep = 1)."""
+        keep = self.terms["online"]["keep"]
+        return online_keep(teacher_logits, keep) if keep < 1 else None
 
     def student_params(self) -> list[nn.Parameter]:
         """h trains with the student (same optimizer and schedule)."""

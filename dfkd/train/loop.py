@@ -299,14 +299,19 @@ def run_loop(model: nn.Module, objective: LoopObjective, data: ImageSet, spec: I
             lr = cfg.lr * lr_factor(cfg, step, total)
             optimizers.set_factor(lr / cfg.lr)
             model.train()
+            y = y.to(device, non_blocking=True)
             with autocast(device, cfg.amp):
-                t_logits = None
+                t_logits = t_feat = None
                 if frozen is not None:
                     with torch.no_grad():
                         t_logits = frozen(x).float()
+                    t_feat = taps[1].value if taps else None
+                    rows = objective.rows(t_logits)
+                    if rows is not None:  # online selection: the model sees the chosen rows only
+                        x, y, t_logits = x[rows], y[rows], t_logits[rows]
+                        t_feat = t_feat[rows] if t_feat is not None else None
                 outputs_ = train_model(x).float()
-            losses = train_objective(Batch(outputs_, y.to(device, non_blocking=True), t_logits,
-                                           (taps[0].value, taps[1].value) if taps else None))
+            losses = train_objective(Batch(outputs_, y, t_logits, (taps[0].value, t_feat) if taps else None))
             optimizers.step(losses["loss"])
             step += 1
             meter.add(losses, batch_len)

@@ -29,7 +29,8 @@ class LoopObjective(nn.Module, abc.ABC):
     names on every step: ``"loss"`` is back-propagated, the others are logged.
 
     Declared, not probed: ``needs_features`` makes the loop tap the penultimate features of the
-    model and of the (first) teacher; :meth:`student_params` are trained by the model's
+    model and of the (first) teacher; :meth:`rows` picks the rows the model is trained on;
+    :meth:`student_params` are trained by the model's
     optimizer and schedule; :meth:`extra_param_groups` get optimizers of their own
     (``{"name", "params", "lr", "optimizer"}``, the optimizer named as in
     :data:`dfkd.train.optim.OPTIMIZERS`), stepped with the model's and scaled by its schedule.
@@ -41,6 +42,11 @@ class LoopObjective(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         ...
+
+    def rows(self, teacher_logits: Tensor) -> Tensor | None:
+        """The rows of the batch to train on, chosen from the teacher's logits before the model
+        runs (online selection); None: all of them. The model sees only these rows."""
+        return None
 
     def student_params(self) -> list[nn.Parameter]:
         return []
