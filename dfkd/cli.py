@@ -305,12 +305,13 @@ def distill(
 ) -> None:
     """Distill the teacher into a student on selected/expanded images (kd, noisy, robust)."""
     from .config import resolve_config
-    from .distill.run import default_config, distill as run_distill
+    from .distill.run import check_config, default_config, distill as run_distill
 
     cfg = resolve_config(default_config(), config, set_, _loop_flags(
         method=method, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, seed=seed,
         **{"objective.temperature": temperature}))
     cards = [_card(t, input_size, input_channels, input_mean, input_std) for t in teacher]
+    check_config(cards, cfg)  # a bad value fails before the table is printed
     err.print(table("config", ["key", "value"], [(k, v) for k, v in cfg.items()]))
     with _training_progress() as on_event:
         result = run_distill(cards, student, data, out, cfg, eval_data=eval_data, workers=workers,

@@ -52,7 +52,13 @@ CASES = [
      "--input-mean 'x'"),
     ("distill --teacher {T} --student resnet8 --data {P} --out {O}", "--data LABELED_IMAGES --write-card`"),
     ("select --teacher {NW} --pool {P} --out {O}", "has no 'weights', so the model would be randomly"),
+    ("select --teacher {T} --pool {P} --out {O} --near-duplicate 2", "--near-duplicate 2"),
+    ("expand --pu {T} --positive {P} --unlabeled {P} --out {O} --dedup fuzzy", "--dedup 'fuzzy'"),
+    ("distill --teacher {T} --student resnet8 --data {P} --out {O} --method kd --set objective.temperature=-3",
+     "objective.temperature=-3"),
+    ("distill --teacher {T} --student resnet8 --data {P} --out {O} --method kd --set online.keep=3", "online.keep=3"),
 ]
+ONE_LINE = {"distill", "expand"}  # checked before anything else is printed (the config table)
 
 
 @pytest.mark.parametrize("args,fragment", CASES, ids=[c[0].split(" --out")[0][:40] + c[1] for c in CASES])
@@ -61,6 +67,8 @@ def test_bad_input_is_one_line_and_exit_2(env, args, fragment):
     lines = res.stderr.strip().splitlines()
     assert res.exit_code == 2, res.output
     assert fragment in lines[-1] and len([ln for ln in lines if "error" in ln]) == 1, res.stderr
+    if args.split()[0] in ONE_LINE:
+        assert len(lines) == 1, res.stderr
     assert "Traceback" not in res.output
 
 

@@ -28,7 +28,7 @@ from ..teacher import card_digest, check_compatible, ensemble_accuracy, load_tea
 from ..train.data import ImageSet, decode_images
 from ..train.loop import LoopConfig, accuracy, batch_outputs, run_loop
 from .objectives import build_objective, objective_options
-from .terms import TERM_DEFAULTS, WithTerms
+from .terms import TERM_DEFAULTS, WithTerms, check_terms
 
 
 @dataclass
@@ -102,6 +102,32 @@ def _student(student: str, teacher: ModelCard, device: torch.device) -> tuple[to
     return build_arch(student, teacher.num_classes, teacher.input.channels, where="--student"), student, {}
 
 
+@dataclass
+class Plan:
+    """A distill config taken apart and checked: what :func:`check_config` returns."""
+    config: dict
+    method: str
+    objective: dict
+    terms: dict
+    loop: LoopConfig
+    info: dict  # what the objective is told: the teachers' accuracies (class counts come later)
+    options: dict  # the objective's resolved options
+
+
+def check_config(teachers: Sequence[ModelCard], config: dict | DistillConfig) -> Plan:
+    """Everything :func:`distill` checks before it decodes an image: the teachers agree, and the
+    loop keys, the terms and the objective's options are valid (else one DfkdError naming the key)."""
+    check_compatible(teachers)
+    config = asdict(config) if isinstance(config, DistillConfig) else config
+    method, obj_cfg = config["method"], dict(config.get("objective") or {})
+    terms = check_terms({k: config[k] for k in TERM_DEFAULTS})
+    loop = LoopConfig(**{k: v for k, v in config.items() if k not in ("method", "objective", *TERM_DEFAULTS)})
+    loop.check()
+    info = {**ensemble_accuracy(teachers), "class_counts": None, "teacher_card": str(teachers[0].path)}
+    return Plan(config, method, obj_cfg, terms, loop, info, objective_options(method, teachers[0].num_classes,
+                                                                             obj_cfg, info))
+
+
 def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Sequence[str | Path], out: str | Path,
             config: dict | DistillConfig, *,
             eval_data: str | Path | None = None, workers: int | None = None, device: str = "auto",
@@ -113,20 +139,14 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Seque
     Under torchrun: DistributedDataParallel on the student (never the teacher), the batch size
     global; rank 0 writes and returns the result (the other ranks return None)."""
     teachers = [teachers] if isinstance(teachers, ModelCard) else list(teachers)
-    check_compatible(teachers)
-    card = teachers[0]  # its input description feeds the student and the ensemble
-    config = asdict(config) if isinstance(config, DistillConfig) else config
+    plan = check_config(teachers, config)
+    card, config, method, obj_cfg, terms, loop, info = (teachers[0], plan.config, plan.method, plan.objective,
+                                                        plan.terms, plan.loop, plan.info)
     out = Path(out)
-    method, obj_cfg = config["method"], dict(config.get("objective") or {})
-    terms = {k: config[k] for k in TERM_DEFAULTS}
-    loop = LoopConfig(**{k: v for k, v in config.items() if k not in ("method", "objective", *TERM_DEFAULTS)})
-    loop.check()
     rt = setup(device, loop.amp, workers, training=True)
     loop.amp = rt.amp
     rows = read_data(data)
-    info = {**ensemble_accuracy(teachers), "class_counts": None, "teacher_card": str(card.path)}
-    # checked before any image is decoded; the objective is built once the data's class counts are known
-    options = objective_options(method, card.num_classes, obj_cfg, info)
+    options = plan.options
     teacher = load_teacher(teachers, rt.device, options.get("temperature", 1.0))
     torch.manual_seed(loop.seed)
     s_model, arch, arch_args = _student(student, card, rt.device)

@@ -84,6 +84,15 @@ def online_keep(teacher_logits: torch.Tensor, keep: float) -> torch.Tensor:
     return torch.sort(noise_value(teacher_logits.float().detach()), stable=True).indices[:n]
 
 
+def check_terms(terms: dict | None) -> dict:
+    """The terms with their defaults, checked (a bad value: DfkdError naming its --set key)."""
+    terms = {**TERM_DEFAULTS, **(terms or {})}
+    keep = terms["online"]["keep"]
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise DfkdError(f"--set online.keep={keep!r}: must be in (0, 1] (the share of every batch trained on)")
+    return terms
+
+
 class WithTerms(LoopObjective):
     """What ``distill`` minimises: the KD objective ``base`` (the contract of ``objectives.py``) on
     the batch's logits, plus the enabled terms; needs features when align/correlation are on.
@@ -92,10 +101,7 @@ class WithTerms(LoopObjective):
     def __init__(self, base: Objective, num_classes: int, terms: dict | None = None, student_dim: int | None = None,
                  teacher_dim: int | None = None):
         super().__init__()
-        terms = {**TERM_DEFAULTS, **(terms or {})}
-        keep = terms["online"]["keep"]
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
-            raise DfkdError(f"--set online.keep={keep!r}: must be in (0, 1] (the share of every batch trained on)")
+        terms = check_terms(terms)
         self.base, self.terms = base, terms
         self.needs_features = terms["align"]["weight"] > 0 or terms["correlation"]["weight"] > 0
         self.h = mlp([student_dim, int(terms["align"]["hidden"]), teacher_dim]) if self.needs_features else None
