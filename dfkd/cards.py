@@ -272,9 +272,13 @@ def unwrap_keys(state: dict, expected: set[str]) -> dict:
 
 
 def save_card(path: str | Path, arch: str, num_classes: int, spec: InputSpec, state_dict: dict,
-              arch_args: dict | None = None, **fields: Any) -> Path:
-    """Write ``<path>`` and its weights ``<stem>.pt`` beside it, both atomically."""
+              arch_args: dict | None = None, *, keep: bool = False, **fields: Any) -> Path:
+    """Write ``<path>`` and its weights ``<stem>.pt`` beside it, both atomically. ``keep``: an
+    existing card stays as it is (a finished run started again: what ``eval --write-card``
+    added to the card stays)."""
     path = Path(path)
+    if keep and path.is_file():
+        return path
     weights = path.with_suffix(".pt")
     atomic_write(weights, lambda f: torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, f), "wb")
     data = {"arch": arch, "num_classes": num_classes, "weights": weights.name, "input": spec.to_dict()}

@@ -191,3 +191,22 @@ def test_rows_kept_first_stay_and_rows_copying_them_go_whatever_their_scores(tmp
     assert rows == {"near-pos0": "pos0", "near-pos1": "pos1"}
     keep, _, _ = drop_duplicates(paths, scores, look, "near", 0.999, tmp_path, keep_first=0)
     assert keep.tolist() == [False, False, True, True, True]  # without it, the copies would win
+
+
+def test_near_duplicates_are_searched_where_the_rows_were_read(tmp_path, monkeypatch):
+    """A Look read on CUDA sends the near-duplicate search there (faiss's GPU index)."""
+    from dfkd.select import candidates
+    from dfkd.select.candidates import Look, drop_duplicates
+
+    seen = []
+
+    def spy(x, order, threshold, *, device="cpu"):
+        seen.append(device)
+        return np.full(len(x), -1, dtype=np.int64)
+
+    monkeypatch.setattr(candidates, "near_duplicates", spy)
+    thumbs = np.concatenate([at_angles(0, 90), np.zeros((2, 62), np.float32)], axis=1)
+    for device in ("cpu", "cuda:1"):
+        drop_duplicates(["a", "b"], np.zeros(2), Look([b"a", b"b"], thumbs, None, ["", ""], device), "near", 0.99,
+                        tmp_path)
+    assert seen == ["cpu", "cuda:1"]

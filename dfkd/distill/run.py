@@ -184,11 +184,9 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Seque
         if not rt.ranks.main:
             return None
         val_top1 = accuracy(s_model, val, card.input, rt.device, loop) if val is not None else None
-        student_card = out / "student.yaml"
-        if not (result.resumed_from == result.steps and student_card.is_file()):  # a finished run again: the
-            student_card = save_card(student_card, arch, card.num_classes, card.input,  # card stays as eval left it
-                                     s_model.state_dict(), arch_args, classes=card.classes, kind="student",
-                                     notes=f"dfkd distill --method {method} from {card.path}")
+        student_card = save_card(out / "student.yaml", arch, card.num_classes, card.input, s_model.state_dict(),
+                                 arch_args, keep=result.finished_before, classes=card.classes, kind="student",
+                                 notes=f"dfkd distill --method {method} from {card.path}")
         inputs = teacher_inputs(teachers)
         write_manifest(out, "distill", config, {**inputs, **{f"data{i}": p for i, p in enumerate(data)}},
                        objective=objective.describe(), student=student, ranks=rt.ranks.world,

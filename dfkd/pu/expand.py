@@ -76,8 +76,7 @@ class Acceptance:
 
     def options(self) -> dict:
         return {"threshold": None if self.num is not None else self.threshold, "num": self.num,
-                "repeat_positive": self.repeat_positive, "dedup": self.dedup,
-                "near_duplicate": self.near if self.dedup == "near" else None}
+                "repeat_positive": self.repeat_positive, "dedup": self.dedup, "near": self.near}  # as select's
 
 
 def expand(pu_card: str | Path, positive: str | Path, unlabeled: str | Path, out: str | Path, *,

@@ -34,9 +34,9 @@ from ..engine import stream
 from ..errors import DfkdError
 from ..index import write_index
 from ..models.features import FeatureTap
+from ..images import InputSpec
 from ..runtime import Runtime
 from ..teacher import Teacher
-from ..images import InputSpec
 from .dedup import exact_duplicates, near_duplicates, unit_rows
 
 DEDUP = ("near", "exact", "off")  # what --dedup may say
@@ -57,6 +57,7 @@ class Look:
     thumbs: np.ndarray  # N×THUMB² float32 (near-duplicate descriptors)
     features: np.ndarray | None  # N×D float32; None when the teacher's features cannot be read
     errors: list[str]  # "" where the row was read again
+    device: str = "cpu"  # where the rows were read: duplicates are searched there too (faiss's GPU index on CUDA)
 
 
 def look_again(model: nn.Module, spec: InputSpec, paths: Sequence[str], rt: Runtime, *,
@@ -92,7 +93,8 @@ def look_again(model: nn.Module, spec: InputSpec, paths: Sequence[str], rt: Runt
             tap.remove()
     errors = [e or (f"not decodable when selecting ({b})" if b else "") for e, (_, b) in zip(errors, got)]
     out = np.stack([o for o, _ in got]).astype(np.float32) if got else np.zeros((0, THUMB * THUMB), np.float32)
-    return Look(digests, out[:, :THUMB * THUMB], out[:, THUMB * THUMB:] if tap is not None else None, errors)
+    return Look(digests, out[:, :THUMB * THUMB], out[:, THUMB * THUMB:] if tap is not None else None, errors,
+                str(rt.device))
 
 
 def teacher_look(teacher: Teacher, paths: Sequence[str], rt: Runtime, *, features: bool,
@@ -105,11 +107,11 @@ def teacher_look(teacher: Teacher, paths: Sequence[str], rt: Runtime, *, feature
                       what=f"--teacher {teacher.card.path}", batch_size=batch_size)
 
 
-def duplicates(look: Look, scores: np.ndarray, near: float | None,
-               device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def duplicates(look: Look, scores: np.ndarray, near: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(dup_of, similarity, kind) over the candidates: ``dup_of[i]`` is −1 for a row kept, else
     the kept row it copies (kind "exact" or "near"; near ones only with a ``near`` cosine
-    threshold of the thumbnails); rows that could not be read again get −2."""
+    threshold of the thumbnails, searched on ``look.device``); rows that could not be read again
+    get −2."""
     order = np.argsort(scores, kind="stable")
     ok = np.array([not e for e in look.errors], dtype=bool)
     dup_of = np.full(len(scores), -1, dtype=np.int64)
@@ -123,7 +125,7 @@ def duplicates(look: Look, scores: np.ndarray, near: float | None,
     similarity[readable[hit]], kind[readable[hit]] = 1.0, "exact"
     if near is not None:
         rest = readable[~hit]
-        of = near_duplicates(look.thumbs[rest], np.arange(len(rest)), near, device=device)
+        of = near_duplicates(look.thumbs[rest], np.arange(len(rest)), near, device=look.device)
         hit = of >= 0
         dup_of[rest[hit]] = rest[of[hit]]
         f = unit_rows(look.thumbs)

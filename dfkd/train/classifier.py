@@ -107,12 +107,9 @@ def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConf
         if not rt.ranks.main:
             return None
         val_top1 = accuracy(model, val, spec, rt.device, cfg) if val is not None else float("nan")
-        card = out / "model.yaml"
-        if not (result.resumed_from == result.steps and card.is_file()):  # a finished run again: the card stays,
-            card = save_card(card, arch, num_classes, spec, model.state_dict(), arch_args,  # with what eval added
-                             classes=classes or None, kind="classifier",
-                             notes=f"trained by dfkd train on {data}; {val_split:.0%} validation split top-1"
-                                   f" {val_top1:.4f}")
+        card = save_card(out / "model.yaml", arch, num_classes, spec, model.state_dict(), arch_args,
+                         keep=result.finished_before, classes=classes or None, kind="classifier",
+                         notes=f"trained by dfkd train on {data}; {val_split:.0%} validation split top-1 {val_top1:.4f}")
         write_manifest(out, "train", {"arch": arch, "val_split": val_split, "size": list(spec.size),
                                       "channels": spec.channels, **asdict(cfg)},
                        {"data": data}, summary={"val_top1": val_top1, "best": result.best, "steps": result.steps})

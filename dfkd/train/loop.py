@@ -105,6 +105,11 @@ class LoopResult:
     best: dict | None
     resumed_from: int
 
+    @property
+    def finished_before(self) -> bool:
+        """The run had already ended: this call took no step."""
+        return self.resumed_from == self.steps
+
 
 def outputs(model: nn.Module, data: ImageSet, spec: InputSpec, device: torch.device, cfg: LoopConfig,
             batch_size: int = 512) -> torch.Tensor:
