@@ -75,12 +75,38 @@ def timer(device: torch.device):
         box[0] = time.perf_counter() - start
 
 
-def random_card(folder: Path, arch: str, seed: int = 0) -> Path:
-    """A model card for ``arch`` at 28×28×1 with random (seeded) weights: speed needs no training."""
+def random_card(folder: Path, arch: str, seed: int = 0, spec: InputSpec = SPEC,
+                classes: int = NUM_CLASSES) -> Path:
+    """A model card for ``arch`` (28×28×1 and 10 classes unless told) with random (seeded)
+    weights: speed needs no training."""
     torch.manual_seed(seed)
-    model = build_arch(arch, NUM_CLASSES, SPEC.channels)
-    return save_card(folder / f"{arch}.yaml", arch, NUM_CLASSES, SPEC, model.state_dict(),
+    model = build_arch(arch, classes, spec.channels)
+    return save_card(folder / f"{arch.replace(':', '-')}.yaml", arch, classes, spec, model.state_dict(),
                      kind="teacher", accuracy=0.9, notes="random weights, for benchmarks only")
+
+
+def _write_jpegs(args: tuple[Path, int, int, int, int]) -> None:
+    folder, start, stop, w, h = args
+    from PIL import Image
+
+    for i in range(start, stop):
+        rng = np.random.default_rng(i)
+        small = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+        img = Image.fromarray(small, "RGB").resize((w, h), Image.BICUBIC)
+        img.save(folder / f"img-{i:06d}.jpg", quality=90)
+
+
+def jpeg_pool(folder: Path, n: int, width: int, height: int, processes: int | None = None) -> Path:
+    """``n`` RGB JPEGs of ``width``×``height`` (smooth noise, quality 90: photo-like in size and
+    decoding cost), written in parallel; the same arguments give the same files."""
+    from multiprocessing import Pool
+
+    folder.mkdir(parents=True, exist_ok=True)
+    procs = processes or cores()
+    step = -(-n // procs)
+    with Pool(procs) as pool:
+        pool.map(_write_jpegs, [(folder, a, min(n, a + step), width, height) for a in range(0, n, step)])
+    return folder
 
 
 def _write_pngs(folder: Path, n: int, seed: int = 0) -> None:

@@ -44,7 +44,6 @@ from dfkd.distill.objectives import build_objective  # noqa: E402
 from dfkd.distill.terms import WithTerms  # noqa: E402
 from dfkd.events import Logged  # noqa: E402
 from dfkd.teacher import Teacher  # noqa: E402
-from dfkd.distill.run import soft_class_counts  # noqa: E402
 from dfkd.images import open_pool  # noqa: E402
 from dfkd.dist import SINGLE  # noqa: E402
 from dfkd.runtime import Runtime, autocast, default_workers, fast_bf16, resolve_device  # noqa: E402
@@ -181,7 +180,8 @@ def main(argv=None) -> None:
         info = {"accuracy": card.accuracy or 0.9, "class_accuracy": card.class_accuracy,
                 "class_counts": [1.0] * card.num_classes}
         if "robust" in methods:
-            info["class_counts"] = soft_class_counts(outputs(teacher, data, card.input, dev, LoopConfig(amp=args.amp)))
+            logits = outputs(teacher, data, card.input, dev, LoopConfig(amp=args.amp))
+            info["class_counts"] = torch.softmax(logits, 1).sum(0).tolist()  # robust KD's soft counts, as distill's
         if not isinstance(teacher, torch.jit.ScriptModule):
             teacher = teacher.to(memory_format=torch.channels_last)
 
