@@ -9,7 +9,9 @@ Every command that writes into ``--out`` opens it with :func:`open_run`:
 * **Inputs.** ``OUT/run.json`` records the command and the identity of its inputs (content
   hashes of cards, weights and index files, the listing of a folder, the config). A later run
   with the same identity resumes; with another it is refused, unless ``--overwrite`` clears
-  the run's state first.
+  the run's state first. A key that a later version added to the identity (``added``: its path
+  and the value that behaves as before) is taken at that value in a run recorded without it, so
+  a finished run stays finished and a killed one resumes across the upgrade.
 * Temporary files left by a killed atomic write (``.NAME.*.tmp``) are removed.
 """
 from __future__ import annotations
@@ -82,19 +84,20 @@ class RunDir:
             for tmp in sub.glob(".*.tmp") if sub.is_dir() else ():
                 tmp.unlink(missing_ok=True)
 
-    def claim(self, identity: dict, overwrite: bool = False) -> bool:
-        """Bind the directory to ``identity`` (JSON-able); True when it already was (a resume)."""
+    def claim(self, identity: dict, overwrite: bool = False, added: dict[tuple[str, ...], Any] | None = None) -> bool:
+        """Bind the directory to ``identity`` (JSON-able); True when it already was (a resume).
+        ``added``: identity keys newer than some runs (path → the value that behaves as before)."""
         error = None
         if self.ranks.main:
             try:
-                self.resumed = self._claim(json.loads(json.dumps(identity, default=str)), overwrite)
+                self.resumed = self._claim(json.loads(json.dumps(identity, default=str)), overwrite, added or {})
             except DfkdError as e:
                 error = str(e)
         self.ranks.agree(error)
         self.resumed = self.ranks.broadcast(self.resumed)
         return self.resumed
 
-    def _claim(self, identity: dict, overwrite: bool) -> bool:
+    def _claim(self, identity: dict, overwrite: bool, added: dict[tuple[str, ...], Any]) -> bool:
         saved_path = self.path / "run.json"
         record = {"command": self.command, "inputs": identity}
         if saved_path.is_file():
@@ -102,6 +105,8 @@ class RunDir:
                 saved = json.loads(saved_path.read_text(encoding="utf-8"))
             except (ValueError, UnicodeDecodeError):
                 saved = {}
+            if isinstance(saved, dict) and isinstance(saved.get("inputs"), dict):
+                saved["inputs"] = _with_added(saved["inputs"], added)
             if saved == record:
                 return True
             if not overwrite:
@@ -130,6 +135,17 @@ class RunDir:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _with_added(inputs: dict, added: dict[tuple[str, ...], Any]) -> dict:
+    """``inputs`` with each key of ``added`` that it lacks (under a parent it has) set to its value."""
+    for path, value in added.items():
+        node = inputs
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] not in node:
+            node[path[-1]] = value
+    return inputs
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:

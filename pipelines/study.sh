@@ -56,12 +56,14 @@ row() {  # POOL_RUNS POOL_DATA ROW: one row of a pool's table (SEED set)
     dfnd-per-class) pipelines/dfnd.sh "$teacher" "$wild" "$p/dfnd-per-class" "$DATA/test" ;;
     dedup-off) SELECT_ARGS="--dedup off" pipelines/dfnd.sh "$teacher" "$wild" "$p/dedup-off" "$DATA/test" ;;
     diverse) SELECT_ARGS="--policy diverse" pipelines/dfnd.sh "$teacher" "$wild" "$p/diverse" "$DATA/test" ;;
-    online)  # the whole pool streamed; every batch of 640 keeps the 128 (20 %) images with the lowest
-             # noise value, so each step trains on as many images as the other rows
-      [ -f "$p/online/manifest.json" ] || dfkd distill --teacher "$teacher" --student resnet8 --data "$wild" \
-          --out "$p/online" --config "$noisy" --seed "$SEED" --steps "$STEPS" --batch-size 640 \
-          --set online.keep=0.2 >/dev/null
-      evaluate "$p/online" "$p/online/student.yaml" ;;
+    online|online-per-class)  # the whole pool streamed; every batch of 640 keeps the 128 (20 %) images
+      # with the lowest noise value (over the batch, or per predicted class), so each step trains on
+      # as many images as the other rows
+      local policy=global; [ "$3" = online ] || policy=per-class
+      [ -f "$p/$3/manifest.json" ] || dfkd distill --teacher "$teacher" --student resnet8 --data "$wild" \
+          --out "$p/$3" --config "$noisy" --seed "$SEED" --steps "$STEPS" --batch-size 640 \
+          --set online.keep=0.2 --set online.policy=$policy >/dev/null
+      evaluate "$p/$3" "$p/$3/student.yaml" ;;
     pu)  # the PU classifier trains for PU_STEPS steps on either pool (750: 10 epochs of the demo's)
       local prior
       prior=$(awk -F'\t' 'NR > 1 { n++; if ($2 == "fashion") f++ } END { printf "%.4f", f / n }' "$d/wild_truth.tsv")
@@ -87,15 +89,16 @@ done
 for pass in offline online; do
   for pool in $POOLS; do
     case $pool in
-      demo) d=$DATA rows="kd-wild random dfnd-global dfnd-per-class dedup-off diverse pu online" ;;
-      large) d=$LARGE rows="kd-wild random dfnd-global dfnd-per-class dedup-off diverse pu online" ;;
+      demo) d=$DATA rows="kd-wild random dfnd-global dfnd-per-class dedup-off diverse pu online online-per-class" ;;
+      large) d=$LARGE rows="kd-wild random dfnd-global dfnd-per-class dedup-off diverse pu online online-per-class" ;;
       copies) d=$COPIES rows="dfnd-per-class dedup-off" ;;
       *) echo "POOLS: unknown pool '$pool' (demo, large, copies)" >&2; exit 2 ;;
     esac
     [ "$pool" = demo ] && [ "${EXTRA:-0}" = 1 ] && rows="$rows ensemble mlkd"
     [ "$pool" != copies ] && [ "${EPOCHS_VIEW:-0}" = 1 ] && rows="$rows kd-wild-epochs"
     for name in $rows; do
-      { [ "$name" = online ] && [ $pass = offline ]; } || { [ "$name" != online ] && [ $pass = online ]; } && continue
+      [ "${name%%-*}" = online ] && kind=online || kind=offline
+      [ $kind = $pass ] || continue
       for seed in $SEEDS; do
         SEED=$seed LENGTH="--steps $STEPS" row "$RUNS/$pool/seed$seed" "$d" "$name"
       done

@@ -294,3 +294,18 @@ def test_the_readme_python_api_example_runs(tmp_path, digits_folders, digits_tea
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "api" / "student" / "student.yaml").is_file()
     assert len(read_index(tmp_path / "api" / "select" / "selected.tsv")) == 300
+
+
+def test_a_run_recorded_before_a_config_key_existed_still_resumes(tmp_path, pattern_folder, random_teacher):
+    """online.policy came after 0.2.0: a run.json without it is the same run at the old value
+    (global), not "a run with other inputs"; another value is still refused."""
+    teacher, data, run = load_card(random_teacher), [str(pattern_folder)], tmp_path / "run"
+    distill(teacher, "resnet8", data, run, cfg("kd", steps=4, batch_size=8), workers=0, device="cpu", stop_after=2)
+    record = json.loads((run / "run.json").read_text())
+    del record["inputs"]["config"]["online"]["policy"]  # as 0.2.0 wrote it
+    (run / "run.json").write_text(json.dumps(record))
+    with pytest.raises(DfkdError, match=r"other inputs \(config\.online\.policy\)"):
+        distill(teacher, "resnet8", data, run, {**cfg("kd", steps=4, batch_size=8), "online": {"keep": 1.0,
+                "policy": "per-class"}}, workers=0, device="cpu")
+    again = distill(teacher, "resnet8", data, run, cfg("kd", steps=4, batch_size=8), workers=0, device="cpu")
+    assert again.resumed_from == 2 and again.steps == 4

@@ -117,6 +117,24 @@ def test_online_selection_trains_on_the_lowest_noise_share_of_each_batch():
         keep["online"]["keep"] = bad
         with pytest.raises(DfkdError, match="online.keep"):
             WithTerms(build_objective("kd", 4), 4, keep)
+    keep["online"].update(keep=0.3, policy="diverse")  # needs features: not per batch
+    with pytest.raises(DfkdError, match="online.policy='diverse'"):
+        WithTerms(build_objective("kd", 4), 4, keep)
+
+
+def test_online_per_class_keeps_a_share_of_every_predicted_class():
+    """The collapse of the global rule: the most confident rows are all of one class."""
+    t_logits = torch.zeros(12, 3)
+    t_logits[:6, 0] = torch.arange(10.0, 16.0)  # rows 0-5: class 0, very confident
+    t_logits[6:9, 1] = torch.tensor([1.0, 3.0, 2.0])  # rows 6-8: class 1
+    t_logits[9:, 2] = torch.tensor([2.0, 1.0, 0.5])  # rows 9-11: class 2
+    assert set(online_keep(t_logits, 0.5).tolist()) == set(range(6))  # global: class 0 only
+    rows = online_keep(t_logits, 0.5, "per-class")
+    assert sorted(rows.tolist()) == [4, 5, 7, 8, 9, 10]  # the 2 best of each class
+    noise = noise_value(t_logits)
+    assert torch.equal(noise[rows], noise[rows].sort().values)  # best first
+    objective = WithTerms(build_objective("kd", 3), 3, {"online": {"keep": 0.5, "policy": "per-class"}})
+    assert torch.equal(objective.rows(t_logits), rows) and "per predicted class" in objective.describe()
 
 
 def test_online_selection_runs_the_student_on_the_kept_rows_only(tmp_path, pattern_folder, random_teacher, monkeypatch):

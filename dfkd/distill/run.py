@@ -30,6 +30,10 @@ from ..train.loop import LoopConfig, accuracy, batch_outputs, run_loop
 from .objectives import build_objective, objective_options
 from .terms import TERM_DEFAULTS, WithTerms, check_terms
 
+# Config keys newer than some run directories, at the value that trains as those runs did: such a
+# run, finished or killed, is still the same run (rundir's ``added``).
+ADDED = {("config", "online", "policy"): "global"}
+
 
 @dataclass
 class DistillConfig(LoopConfig):
@@ -159,7 +163,7 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Seque
                 "eval_data": data_digest(eval_data) if eval_data is not None else None,
                 "config": json.loads(json.dumps(config))}
     with open_run(out, "distill", rt.ranks) as run:
-        run.claim(identity, overwrite)
+        run.claim(identity, overwrite, added=ADDED)
         val = None
         if eval_data is not None:
             v_rows, _ = labeled_paths(eval_data, card.classes, flag="--eval-data")

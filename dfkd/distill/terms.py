@@ -10,10 +10,12 @@ terms to its loss.
 * discriminator (MEAL V2, Sec. 3.3): a 3-layer MLP D on the softmax vectors learns teacher = 1,
   student = 0 (its own Adam); the student adds BCE(D(p_S), 1) to fool it.
 * online selection (DFND's selection done per batch, as MMRazor's DFND implementation does):
-  with ``online.keep`` = f < 1, :meth:`WithTerms.rows` gives the loop the ⌈f·B⌉ images of the
-  batch with the lowest teacher noise value V(x) (the ``noise`` scorer of ``dfkd select``), and
-  only they go through the student and into the losses; the others cost a teacher forward. A
-  whole pool can then be distilled on, filtered batch by batch.
+  with ``online.keep`` = f < 1, :meth:`WithTerms.rows` gives the loop ⌈f·B⌉ images of the
+  batch, chosen by their teacher noise value V(x) (the ``noise`` scorer of ``dfkd select``) with
+  ``online.policy``, one of ``select``'s policies: ``global`` (the paper's and MMRazor's: the
+  lowest V in the batch) or ``per-class`` (⌈f·B⌉/K lowest per predicted class). Only they go
+  through the student and into the losses; the others cost a teacher forward. A whole pool can
+  then be distilled on, filtered batch by batch.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import DfkdError
+from ..select.policies import POLICIES
 from ..select.scores import noise_value
 from ..train.objective import Batch, LoopObjective
 from .objectives import Objective
@@ -74,22 +77,28 @@ TERM_DEFAULTS = {
     "align": {"weight": 0.0, "hidden": 256},
     "correlation": {"weight": 0.0, "tau": 0.5},
     "discriminator": {"weight": 0.0, "hidden": 256, "lr": 1e-4},
-    "online": {"keep": 1.0},
+    "online": {"keep": 1.0, "policy": "global"},
 }
+ONLINE_POLICIES = ("global", "per-class")  # select's policies that need no features
 
 
-def online_keep(teacher_logits: torch.Tensor, keep: float) -> torch.Tensor:
-    """Positions of the ⌈keep·B⌉ images with the lowest noise value (ties: the earlier image)."""
-    n = max(1, math.ceil(keep * len(teacher_logits)))
-    return torch.sort(noise_value(teacher_logits.float().detach()), stable=True).indices[:n]
+def online_keep(teacher_logits: torch.Tensor, keep: float, policy: str = "global") -> torch.Tensor:
+    """Positions of the ⌈keep·B⌉ images that select's ``policy`` keeps by noise value, best
+    first (ties: the earlier image)."""
+    logits = teacher_logits.float().detach()
+    n = max(1, math.ceil(keep * len(logits)))
+    scores, labels = noise_value(logits).cpu().numpy(), logits.argmax(1).cpu().numpy()
+    return torch.as_tensor(POLICIES.get(policy)(scores, labels, n, logits.shape[1]), device=logits.device)
 
 
 def check_terms(terms: dict | None) -> dict:
     """The terms with their defaults, checked (a bad value: DfkdError naming its --set key)."""
-    terms = {**TERM_DEFAULTS, **(terms or {})}
-    keep = terms["online"]["keep"]
+    terms = {k: {**v, **(terms or {}).get(k, {})} for k, v in TERM_DEFAULTS.items()}
+    keep, policy = terms["online"]["keep"], terms["online"]["policy"]
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
         raise DfkdError(f"--set online.keep={keep!r}: must be in (0, 1] (the share of every batch trained on)")
+    if policy not in ONLINE_POLICIES:
+        raise DfkdError(f"--set online.policy={policy!r}: must be one of {', '.join(ONLINE_POLICIES)}")
     return terms
 
 
@@ -127,9 +136,9 @@ class WithTerms(LoopObjective):
         return out
 
     def rows(self, teacher_logits: torch.Tensor) -> torch.Tensor | None:
-        """Online selection: the ⌈keep·B⌉ rows with the lowest noise value (None: keep = 1)."""
-        keep = self.terms["online"]["keep"]
-        return online_keep(teacher_logits, keep) if keep < 1 else None
+        """Online selection: the ⌈keep·B⌉ rows chosen by noise value (None: keep = 1)."""
+        online = self.terms["online"]
+        return online_keep(teacher_logits, online["keep"], online["policy"]) if online["keep"] < 1 else None
 
     def student_params(self) -> list[nn.Parameter]:
         """h trains with the student (same optimizer and schedule)."""
@@ -144,6 +153,8 @@ class WithTerms(LoopObjective):
 
     def describe(self) -> str:
         on = [f"{k} ×{v['weight']:g}" for k, v in self.terms.items() if v.get("weight", 0) > 0]
-        keep = self.terms["online"]["keep"]
-        online = f"; on the {keep:.0%} of each batch with the lowest noise value (online selection)" if keep < 1 else ""
+        keep, policy = self.terms["online"]["keep"], self.terms["online"]["policy"]
+        rule = "per predicted class" if policy == "per-class" else "over the batch"
+        online = (f"; on the {keep:.0%} of each batch with the lowest noise value {rule} (online selection)"
+                  if keep < 1 else "")
         return self.base.describe() + (f"; plus {', '.join(on)}" if on else "") + online
