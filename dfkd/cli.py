@@ -185,8 +185,8 @@ def select(
         err.print(table("selected per teacher class", ["class", "count"],
                         [(result.classes[c], n) for c, n in enumerate(result.class_counts)]))
     qs = result.score_quantiles
-    err.print(table(f"{score} score", ["", *qs], [("pool", *qs.values()),
-                                                ("selected", *result.selected_quantiles.values())]))
+    chosen = [("selected", *result.selected_quantiles.values())] if result.selected_quantiles else []  # a --shard: none
+    err.print(table(f"{score} score", ["", *qs], [("pool", *qs.values()), *chosen]))
     if result.skipped:
         err.print(f"[yellow]{result.skipped} file(s) skipped[/]: see {result.files['skipped']}")
     _left_out(result.duplicates, result.files)

@@ -184,6 +184,19 @@ def test_cli_prints_only_the_selected_path_on_stdout(tmp_path, pattern_folder, r
     assert len(read_index(out / "selected.tsv")) == 5
 
 
+def test_cli_shards_print_their_scores_path_and_merge_prints_the_selection(tmp_path, pattern_folder, random_teacher):
+    """A --shard run selects nothing (the merge does): it used to crash drawing an empty table row."""
+    base = ["select", "--teacher", str(random_teacher), "--pool", str(pattern_folder), "--workers", "0"]
+    for i in range(2):
+        res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / f"s{i}"), "--shard", f"{i}/2"])
+        assert res.exit_code == 0, res.output
+        assert res.stdout.strip() == str(tmp_path / f"s{i}" / "scores.tsv")
+    res = CliRunner().invoke(app, ["select", "--merge", str(tmp_path / "s0"), "--merge", str(tmp_path / "s1"),
+                                   "--out", str(tmp_path / "all"), "--num-images", "5"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip() == str(tmp_path / "all" / "selected.tsv") and len(read_index(res.stdout.strip())) == 5
+
+
 @pytest.mark.parametrize("args, message", [
     (["--teacher", "missing.yaml"], "--teacher missing.yaml: model card not found"),
     (["--pool", "nowhere"], "--pool nowhere: no such directory"),
