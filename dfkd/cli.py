@@ -7,11 +7,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.table import Table
 
 from .console import emit, err, progress, table
 from .errors import DfkdError
@@ -97,9 +99,12 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
     if text is None:
         return None
     try:
-        return [float(v) for v in text.split(",")]
+        values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise DfkdError(f"{flag} {text!r}: expected comma-separated numbers, one per channel") from None
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise DfkdError(f"{flag} {text!r}: expected comma-separated finite numbers, one per channel")
+    return values
 
 
 def _card(path: Path, size: int | None = None, channels: int | None = None, mean: str | None = None,
@@ -229,8 +234,7 @@ def train(
     cfg = resolve_config(asdict(LoopConfig()), config, set_, _loop_flags(
         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, seed=seed))
     loop = LoopConfig(**cfg)
-    err.print(table("config", ["key", "value"], cfg.items()))
-    with _training_progress() as on_event:
+    with _training_progress(table("config", ["key", "value"], cfg.items())) as on_event:
         result = train_classifier(arch, data, out, loop, size=size, channels=channels, val_split=val_split,
                                   workers=workers, device=device, overwrite=overwrite, tensorboard=tensorboard,
                                   cache_dir=cache_dir, on_event=on_event)
@@ -246,7 +250,12 @@ def train(
 
 
 class _training_progress:
-    """Progress for decode + training steps, showing the latest named losses."""
+    """Progress for decode + training steps, showing the latest named losses. ``config`` (the
+    resolved config's table) is printed once the run is opened, so that a bad input fails with
+    its one error line alone."""
+
+    def __init__(self, config: Table):
+        self.config = config
 
     def __enter__(self):
         self._ctx = progress("training", unit="step")
@@ -255,9 +264,11 @@ class _training_progress:
         return self.on_event
 
     def on_event(self, ev) -> None:
-        from .events import Decoded, Logged, Note, Started
+        from .events import Decoded, Logged, Note, Opened, Started
 
-        if isinstance(ev, Decoded):
+        if isinstance(ev, Opened):
+            self._update(0, None, log=self.config)
+        elif isinstance(ev, Decoded):
             self._update(ev.done, ev.total, info="decoding images")
         elif isinstance(ev, Note):
             self._update(0, None, log=ev.text)
@@ -311,9 +322,8 @@ def distill(
         method=method, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, seed=seed,
         **{"objective.temperature": temperature}))
     cards = [_card(t, input_size, input_channels, input_mean, input_std) for t in teacher]
-    check_config(cards, cfg)  # a bad value fails before the table is printed
-    err.print(table("config", ["key", "value"], [(k, v) for k, v in cfg.items()]))
-    with _training_progress() as on_event:
+    check_config(cards, cfg)
+    with _training_progress(table("config", ["key", "value"], cfg.items())) as on_event:
         result = run_distill(cards, student, data, out, cfg, eval_data=eval_data, workers=workers,
                              device=device, overwrite=overwrite, tensorboard=tensorboard, cache_dir=cache_dir,
                              on_event=on_event)
@@ -369,10 +379,9 @@ def pu_train(
         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, seed=seed, positive_share=positive_share,
         **{"nnpu.prior": prior, "nnpu.beta": beta, "nnpu.gamma": gamma, "model.backbone": backbone,
            "model.taps": taps, "model.reduction": reduction}))
-    PuConfig(**cfg).check()  # a bad value fails before the table is printed
+    PuConfig(**cfg).check()
     card = _card(teacher)
-    err.print(table("config", ["key", "value"], cfg.items()))
-    with _training_progress() as on_event:
+    with _training_progress(table("config", ["key", "value"], cfg.items())) as on_event:
         r = run_pu(card, positive, unlabeled, out, cfg, workers=workers, device=device, overwrite=overwrite,
                    tensorboard=tensorboard, cache_dir=cache_dir, on_event=on_event)
     if r is None:  # a rank other than 0
@@ -483,7 +492,8 @@ def eval_(
             from .runtime import setup
             from .teacher import card_digest
 
-            run = stack.enter_context(open_run(out, "eval", setup(device, amp, workers).ranks))
+            run = stack.enter_context(open_run(out, "eval", setup(device, amp, workers).ranks,
+                                                      reads=[("--data", data)]))
             run.claim({"model": card_digest(card), "data": data_digest(data)}, overwrite)
         with progress("evaluating") as update:
             result = evaluate(card, data, batch_size=batch_size, workers=workers, device=device, amp=amp,

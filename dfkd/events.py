@@ -1,6 +1,7 @@
 """What the training commands report while they run (the CLI turns these into a progress bar).
 
-A callback ``on_event(event)`` receives, in order: :class:`Decoded` while the images are decoded,
+A callback ``on_event(event)`` receives, in order: :class:`Opened` once the inputs are found and
+checked and the run directory is bound to them, :class:`Decoded` while the images are decoded,
 :class:`Note` lines (where the set went, what the objective is), :class:`Started` once the
 loop knows its length, then one :class:`Logged` per metrics record (as in ``metrics.jsonl``).
 Only rank 0 reports.
@@ -9,6 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Union
+
+
+@dataclass(frozen=True)
+class Opened:
+    """Every input was found and checked, and ``--out`` is bound to them (a bad input fails before)."""
 
 
 @dataclass(frozen=True)
@@ -34,5 +40,5 @@ class Logged:
     record: dict  # step, epoch, lr, images_per_s, the objective's named losses, val_top1 at epoch ends
 
 
-Event = Union[Decoded, Note, Started, Logged]
+Event = Union[Opened, Decoded, Note, Started, Logged]
 OnEvent = Callable[[Event], None]

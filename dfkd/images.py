@@ -6,6 +6,7 @@ skip, never a crash.
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -58,8 +59,9 @@ class InputSpec:
             raise DfkdError(f"{where}: size must be N or [H, W] and channels 1 or 3")
         mean = [float(m) for m in d.get("mean", [0.5] * channels)]
         std = [float(s) for s in d.get("std", [0.5] * channels)]
-        if len(mean) != channels or len(std) != channels or min(std) <= 0:
-            raise DfkdError(f"{where}: mean and std need {channels} values each (std > 0)")
+        if len(mean) != channels or len(std) != channels or not all(
+                math.isfinite(m) for m in mean) or not all(math.isfinite(s) and s > 0 for s in std):
+            raise DfkdError(f"{where}: mean and std need {channels} finite values each (std > 0)")
         resize = d.get("resize", "stretch")
         if resize not in RESIZE_MODES:
             raise DfkdError(f"{where}: resize {resize!r} is not one of {', '.join(RESIZE_MODES)}")

@@ -25,7 +25,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -159,17 +159,32 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out[:4] if prefix else out[:4] or ["unknown"]
 
 
-def open_run(out: str | Path, command: str, ranks: Ranks = SINGLE) -> RunDir:
-    """Lock ``out`` for this run (rank 0); every rank fails together when it cannot."""
+def open_run(out: str | Path, command: str, ranks: Ranks = SINGLE,
+             reads: Iterable[tuple[str, str | Path | None]] = ()) -> RunDir:
+    """Lock ``out`` for this run (rank 0); every rank fails together when it cannot. ``reads``:
+    the (flag, path) of each image folder the run reads, which ``out`` must not be inside."""
     run = RunDir(Path(out), command, ranks)
     error = None
     if ranks.main:
         try:
+            _check_outside(Path(out), reads)
             run._acquire()
         except DfkdError as e:
             error = str(e)
     ranks.agree(error)
     return run
+
+
+def _check_outside(out: Path, reads: Iterable[tuple[str, str | Path | None]]) -> None:
+    """A run's files inside a folder it reads would be read as its images by the next run."""
+    real = Path(os.path.realpath(out))
+    for flag, source in reads:
+        if source is None or not Path(source).is_dir():
+            continue  # an index file, a shard pattern: rows name their files, a new file is not one
+        root = Path(os.path.realpath(source))
+        if real == root or root in real.parents:
+            raise DfkdError(f"--out {out}: is inside {flag} {source}, whose images the next run would"
+                            " read with this run's files among them; use an --out outside it")
 
 
 def write_manifest(out: str | Path, command: str, options: dict[str, Any],

@@ -57,8 +57,18 @@ CASES = [
     ("distill --teacher {T} --student resnet8 --data {P} --out {O} --method kd --set objective.temperature=-3",
      "objective.temperature=-3"),
     ("distill --teacher {T} --student resnet8 --data {P} --out {O} --method kd --set online.keep=3", "online.keep=3"),
+    ("distill --teacher {T} --student resnet8 --data {P} --out {O} --method kd --set online.policy=diverse",
+     "online.policy='diverse'"),
+    ("eval --model {TS} --data {P} --input-size 16 --input-channels 1 --input-mean 0.5 --input-std nan",
+     "--input-std 'nan'"),
+    # a run's files inside a folder it reads would be images of that folder next time
+    ("select --teacher {T} --pool {P} --out {P}/run", "is inside --pool"),
+    ("distill --teacher {T} --student resnet8 --data {P} --out {P}/run --method kd", "is inside --data"),
+    ("train --arch resnet8 --data {P} --out {P}", "is inside --data"),
+    ("eval --model {T} --data {P} --out {P}/eval", "is inside --data"),
+    ("pu-train --teacher {T} --positive {P} --unlabeled {D} --out {O} --prior 0.5", "is inside --unlabeled"),
 ]
-ONE_LINE = {"distill", "expand"}  # checked before anything else is printed (the config table)
+ONE_LINE = {"distill", "expand", "train", "pu-train"}  # checked before anything else is printed (the config table)
 
 
 @pytest.mark.parametrize("args,fragment", CASES, ids=[c[0].split(" --out")[0][:40] + c[1] for c in CASES])

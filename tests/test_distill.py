@@ -300,7 +300,8 @@ def test_a_run_recorded_before_a_config_key_existed_still_resumes(tmp_path, patt
     """online.policy came after 0.2.0: a run.json without it is the same run at the old value
     (global), not "a run with other inputs"; another value is still refused."""
     teacher, data, run = load_card(random_teacher), [str(pattern_folder)], tmp_path / "run"
-    distill(teacher, "resnet8", data, run, cfg("kd", steps=4, batch_size=8), workers=0, device="cpu", stop_after=2)
+    # one path, not a list (the API used to read each character of the path as a --data)
+    distill(teacher, "resnet8", data[0], run, cfg("kd", steps=4, batch_size=8), workers=0, device="cpu", stop_after=2)
     record = json.loads((run / "run.json").read_text())
     del record["inputs"]["config"]["online"]["policy"]  # as 0.2.0 wrote it
     (run / "run.json").write_text(json.dumps(record))

@@ -16,7 +16,7 @@ import yaml
 
 from ..cards import ModelCard, build_arch, load_card, load_model, save_card
 from ..errors import DfkdError
-from ..events import Note, OnEvent
+from ..events import Note, OnEvent, Opened
 from ..images import labeled_paths, pool_paths
 from ..index import Rows, write_index
 from ..io import write_json, write_text
@@ -132,17 +132,19 @@ def check_config(teachers: Sequence[ModelCard], config: dict | DistillConfig) ->
                                                                              obj_cfg, info))
 
 
-def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Sequence[str | Path], out: str | Path,
-            config: dict | DistillConfig, *,
+def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: str | Path | Sequence[str | Path],
+            out: str | Path, config: dict | DistillConfig, *,
             eval_data: str | Path | None = None, workers: int | None = None, device: str = "auto",
             stop_after: int | None = None, overwrite: bool = False, tensorboard: bool = False,
             cache_dir: str | Path | None = None, on_event: OnEvent | None = None) -> DistillResult | None:
-    """Distill the teacher (or an ensemble of teachers) into ``student`` on the images of ``data``,
-    with ``config`` a :class:`DistillConfig` or the equivalent dict (as the CLI resolves it).
+    """Distill the teacher (or an ensemble of teachers) into ``student`` on the images of ``data``
+    (an index file or folder, or a list of them), with ``config`` a :class:`DistillConfig` or the
+    equivalent dict (as the CLI resolves it).
 
     Under torchrun: DistributedDataParallel on the student (never the teacher), the batch size
     global; rank 0 writes and returns the result (the other ranks return None)."""
     teachers = [teachers] if isinstance(teachers, ModelCard) else list(teachers)
+    data = [data] if isinstance(data, (str, Path)) else list(data)
     plan = check_config(teachers, config)
     card, config, method, obj_cfg, terms, loop, info = (teachers[0], plan.config, plan.method, plan.objective,
                                                         plan.terms, plan.loop, plan.info)
@@ -162,8 +164,11 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: Seque
                 card_digest(load_card(student)), "data": [data_digest(p) for p in data],
                 "eval_data": data_digest(eval_data) if eval_data is not None else None,
                 "config": json.loads(json.dumps(config))}
-    with open_run(out, "distill", rt.ranks) as run:
+    with open_run(out, "distill", rt.ranks,
+                  reads=[*(("--data", p) for p in data), ("--eval-data", eval_data)]) as run:
         run.claim(identity, overwrite, added=ADDED)
+        if on_event and rt.ranks.main:
+            on_event(Opened())
         val = None
         if eval_data is not None:
             v_rows, _ = labeled_paths(eval_data, card.classes, flag="--eval-data")

@@ -135,7 +135,7 @@ def select_pool(teachers: ModelCard | Sequence[ModelCard], pool: str | Path, out
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise DfkdError(f"--shard {shard[0]}/{shard[1]}: expected I/N with 0 <= I < N")
     rt = setup(device, amp, workers)
-    with open_run(out, "select", rt.ranks) as run:
+    with open_run(out, "select", rt.ranks, reads=[("--pool", pool)]) as run:
         teacher = load_teacher(teachers, rt.device)
         segment = score_pool(teacher, pool, run, rt, score=score, seed=seed, batch_size=batch_size,
                              shard=shard, overwrite=overwrite, on_progress=on_progress)
