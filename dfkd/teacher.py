@@ -66,7 +66,11 @@ class TeacherEnsemble(nn.Module):
 
 
 def check_compatible(cards: Sequence[ModelCard]) -> None:
-    """Teachers of one ensemble must agree on the classes."""
+    """Teachers are classifiers (not PU cards), and those of one ensemble agree on the classes."""
+    for c in cards:
+        if c.extra.get("kind") == "pu":
+            raise DfkdError(f"--teacher {c.path}: is a PU card (pu-train's in/out-of-distribution classifier);"
+                            " give the teacher's card")
     first = cards[0]
     for c in cards[1:]:
         if c.num_classes != first.num_classes:

@@ -61,6 +61,8 @@ CASES = [
      "online.policy='diverse'"),
     ("eval --model {TS} --data {P} --input-size 16 --input-channels 1 --input-mean 0.5 --input-std nan",
      "--input-std 'nan'"),
+    ("distill --teacher {T} --student resnet8 --data {P} --out {O} --method magic", "--method 'magic'"),
+    ("expand --pu {D}/nope.yaml --positive {P} --unlabeled {P} --out {O}", "--pu "),
     # a run's files inside a folder it reads would be images of that folder next time
     ("select --teacher {T} --pool {P} --out {P}/run", "is inside --pool"),
     ("distill --teacher {T} --student resnet8 --data {P} --out {P}/run --method kd", "is inside --data"),

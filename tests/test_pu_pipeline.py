@@ -109,6 +109,9 @@ def test_cli_pu_train_and_expand_print_paths(tmp_path, digits_folders, digits_te
                               "--unlabeled", str(pool), "--out", str(tmp_path / "e"), "--workers", "0"])
     assert res.exit_code == 0, res.output
     assert res.stdout.strip() == str(tmp_path / "e" / "expanded.tsv")
+    res = runner.invoke(app, ["distill", "--teacher", str(tmp_path / "pu" / "pu.yaml"), "--student", "resnet8",
+                              "--data", str(tmp_path / "e" / "expanded.tsv"), "--out", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "is a PU card" in res.stderr  # not a list of mismatched weight keys
 
 
 def test_positives_are_repeated_to_their_share_and_zero_means_as_they_come():

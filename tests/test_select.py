@@ -201,7 +201,7 @@ def test_cli_shards_print_their_scores_path_and_merge_prints_the_selection(tmp_p
     (["--teacher", "missing.yaml"], "--teacher missing.yaml: model card not found"),
     (["--pool", "nowhere"], "--pool nowhere: no such directory"),
     (["--num-images", "0"], "--num-images 0: must be at least 1"),
-    (["--score", "magic"], "unknown scorer 'magic'; known: energy, entropy, noise, random"),
+    (["--score", "magic"], "--score 'magic': expected one of energy, entropy, noise, random"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, pattern_folder, random_teacher, args, message):
     base = {"--teacher": str(random_teacher), "--pool": str(pattern_folder), "--out": str(tmp_path / "o")}

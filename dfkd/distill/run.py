@@ -27,7 +27,7 @@ from ..runtime import setup
 from ..teacher import card_digest, check_compatible, ensemble_accuracy, load_teacher, teacher_inputs
 from ..train.data import ImageSet, decode_images
 from ..train.loop import LoopConfig, accuracy, batch_outputs, run_loop
-from .objectives import build_objective, objective_options
+from .objectives import OBJECTIVES, build_objective, objective_options
 from .terms import TERM_DEFAULTS, WithTerms, check_terms
 
 # Config keys newer than some run directories, at the value that trains as those runs did: such a
@@ -124,6 +124,8 @@ def check_config(teachers: Sequence[ModelCard], config: dict | DistillConfig) ->
     check_compatible(teachers)
     config = asdict(config) if isinstance(config, DistillConfig) else config
     method, obj_cfg = config["method"], dict(config.get("objective") or {})
+    if method not in OBJECTIVES:
+        raise DfkdError(f"--method {method!r}: expected one of {', '.join(OBJECTIVES.keys())}")
     terms = check_terms({k: config[k] for k in TERM_DEFAULTS})
     loop = LoopConfig(**{k: v for k, v in config.items() if k not in ("method", "objective", *TERM_DEFAULTS)})
     loop.check()

@@ -211,7 +211,10 @@ def positive_repeat(share: float, unlabeled: int, positives: int) -> int:
 
 def load_pu(path: str | Path, device: torch.device) -> tuple[MultiScaleSE, ModelCard, dict]:
     """The PU classifier of a card written by pu-train, in eval mode."""
-    card = load_card(path)
+    try:
+        card = load_card(path)
+    except DfkdError as e:
+        raise DfkdError(f"--pu {e}") from None
     pu = card.extra.get("pu")
     if card.extra.get("kind") != "pu" or not isinstance(pu, dict) or not card.weights:
         raise DfkdError(f"--pu {path}: not a PU card (write one with dfkd pu-train)")

@@ -131,7 +131,8 @@ def select_pool(teachers: ModelCard | Sequence[ModelCard], pool: str | Path, out
     drops exact duplicates and near ones (cosine of their thumbnails >= ``near``, default
     :data:`~dfkd.select.dedup.NEAR_DUPLICATE_COSINE`) before the budget is spent."""
     budget = Budget(num, ratio, max_score, policy, dedup, NEAR_DUPLICATE_COSINE if near is None else near)
-    SCORERS.get(score)
+    if score not in SCORERS:
+        raise DfkdError(f"--score {score!r}: expected one of {', '.join(SCORERS.keys())}")
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise DfkdError(f"--shard {shard[0]}/{shard[1]}: expected I/N with 0 <= I < N")
     rt = setup(device, amp, workers)
