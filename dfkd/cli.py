@@ -137,7 +137,8 @@ def select(
     pool: Optional[Path] = typer.Option(None, help="Wild pool: a directory (scanned recursively) or an index file."
                                                    " Required unless --merge."),
     out: Path = typer.Option(..., help="Run directory to write scores/selected/skipped.tsv into."),
-    num_images: Optional[int] = typer.Option(None, help="Select this many images."),
+    num_images: Optional[int] = typer.Option(None, help="Select this many images (without it or --ratio:"
+                                                        " every scored image, best first)."),
     ratio: Optional[float] = typer.Option(None, help="Select this share of the scored pool."),
     max_score: Optional[float] = typer.Option(None, "--max-score", "--max-noise",
                                               help="Keep only images whose score (of any --score) is <= this."),

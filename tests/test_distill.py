@@ -297,16 +297,25 @@ def test_the_readme_python_api_example_runs(tmp_path, digits_folders, digits_tea
 
 
 def test_a_run_recorded_before_a_config_key_existed_still_resumes(tmp_path, pattern_folder, random_teacher):
-    """online.policy came after 0.2.0: a run.json without it is the same run at the old value
-    (global), not "a run with other inputs"; another value is still refused."""
-    teacher, data, run = load_card(random_teacher), [str(pattern_folder)], tmp_path / "run"
-    # one path, not a list (the API used to read each character of the path as a --data)
-    distill(teacher, "resnet8", data[0], run, cfg("kd", steps=4, batch_size=8), workers=0, device="cpu", stop_after=2)
-    record = json.loads((run / "run.json").read_text())
-    del record["inputs"]["config"]["online"]["policy"]  # as 0.2.0 wrote it
-    (run / "run.json").write_text(json.dumps(record))
-    with pytest.raises(DfkdError, match=r"other inputs \(config\.online\.policy\)"):
-        distill(teacher, "resnet8", data, run, {**cfg("kd", steps=4, batch_size=8), "online": {"keep": 1.0,
-                "policy": "per-class"}}, workers=0, device="cpu")
-    again = distill(teacher, "resnet8", data, run, cfg("kd", steps=4, batch_size=8), workers=0, device="cpu")
+    """online.policy came after 0.2.0, whose online selection was global: a run.json without the
+    key is the same run as one with policy global, and as any run without online selection."""
+    teacher, data = load_card(random_teacher), str(pattern_folder)
+    base = cfg("kd", steps=4, batch_size=8)
+
+    def old_run(name: str, online: dict):
+        run = tmp_path / name
+        # one path, not a list (the API used to read each character of the path as a --data)
+        distill(teacher, "resnet8", data, run, {**base, "online": online}, workers=0, device="cpu", stop_after=2)
+        record = json.loads((run / "run.json").read_text())
+        del record["inputs"]["config"]["online"]["policy"]  # as 0.2.0 wrote it
+        (run / "run.json").write_text(json.dumps(record))
+        return run
+
+    run = old_run("whole", {"keep": 1.0})  # no online selection: today's default policy trains the same
+    assert distill(teacher, "resnet8", [data], run, base, workers=0, device="cpu").resumed_from == 2
+    run = old_run("online", {"keep": 0.5, "policy": "global"})
+    with pytest.raises(DfkdError, match=r"other inputs \(config\.online\.policy\)"):  # default: per-class
+        distill(teacher, "resnet8", [data], run, {**base, "online": {"keep": 0.5}}, workers=0, device="cpu")
+    again = distill(teacher, "resnet8", [data], run, {**base, "online": {"keep": 0.5, "policy": "global"}},
+                    workers=0, device="cpu")
     assert again.resumed_from == 2 and again.steps == 4

@@ -105,14 +105,14 @@ def test_online_selection_trains_on_the_lowest_noise_share_of_each_batch():
     torch.manual_seed(0)
     t_logits = torch.randn(10, 4) * torch.linspace(0.1, 5, 10)[:, None]  # later rows more confident
     keep = {k: dict(v) for k, v in TERM_DEFAULTS.items()}
-    keep["online"]["keep"] = 0.3
+    keep["online"].update(keep=0.3, policy="global")
     online = WithTerms(build_objective("kd", 4), 4, keep)
     rows = online.rows(t_logits)
     noise = noise_value(t_logits)
     assert len(rows) == 3 and set(rows.tolist()) == set(noise.argsort()[:3].tolist())
-    assert torch.equal(rows, online_keep(t_logits, 0.3)) and WithTerms(build_objective("kd", 4), 4).rows(t_logits) is None
+    assert torch.equal(rows, online_keep(t_logits, 0.3, "global")) and WithTerms(build_objective("kd", 4), 4).rows(t_logits) is None
     assert "online selection" in online.describe() and "online" not in WithTerms(build_objective("kd", 4), 4).describe()
-    assert len(online_keep(t_logits[:1], 0.01)) == 1  # never an empty batch
+    assert len(online_keep(t_logits[:1], 0.01, "global")) == len(online_keep(t_logits[:1], 0.01, "per-class")) == 1
     for bad in (0, 1.5, True):
         keep["online"]["keep"] = bad
         with pytest.raises(DfkdError, match="online.keep"):
@@ -128,12 +128,12 @@ def test_online_per_class_keeps_a_share_of_every_predicted_class():
     t_logits[:6, 0] = torch.arange(10.0, 16.0)  # rows 0-5: class 0, very confident
     t_logits[6:9, 1] = torch.tensor([1.0, 3.0, 2.0])  # rows 6-8: class 1
     t_logits[9:, 2] = torch.tensor([2.0, 1.0, 0.5])  # rows 9-11: class 2
-    assert set(online_keep(t_logits, 0.5).tolist()) == set(range(6))  # global: class 0 only
+    assert set(online_keep(t_logits, 0.5, "global").tolist()) == set(range(6))  # global: class 0 only
     rows = online_keep(t_logits, 0.5, "per-class")
     assert sorted(rows.tolist()) == [4, 5, 7, 8, 9, 10]  # the 2 best of each class
     noise = noise_value(t_logits)
     assert torch.equal(noise[rows], noise[rows].sort().values)  # best first
-    objective = WithTerms(build_objective("kd", 3), 3, {"online": {"keep": 0.5, "policy": "per-class"}})
+    objective = WithTerms(build_objective("kd", 3), 3, {"online": {"keep": 0.5}})  # per-class: the default
     assert torch.equal(objective.rows(t_logits), rows) and "per predicted class" in objective.describe()
 
 

@@ -35,6 +35,12 @@ from .terms import TERM_DEFAULTS, WithTerms, check_terms
 ADDED = {("config", "online", "policy"): "global"}
 
 
+def _online_identity(online: dict) -> dict:
+    """What of ``online`` changes the training: without online selection (keep 1) no policy does,
+    so the run is recorded as the versions before ``online.policy`` implied (global)."""
+    return {**online, "policy": online["policy"] if online["keep"] < 1 else "global"}
+
+
 @dataclass
 class DistillConfig(LoopConfig):
     """A distillation's settings, typed: the loop's, the method, its objective's options
@@ -165,7 +171,7 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: str |
     identity = {"teacher": teacher.identity(), "student": student if not Path(student).is_file() else
                 card_digest(load_card(student)), "data": [data_digest(p) for p in data],
                 "eval_data": data_digest(eval_data) if eval_data is not None else None,
-                "config": json.loads(json.dumps(config))}
+                "config": {**json.loads(json.dumps(config)), "online": _online_identity(terms["online"])}}
     with open_run(out, "distill", rt.ranks,
                   reads=[*(("--data", p) for p in data), ("--eval-data", eval_data)]) as run:
         run.claim(identity, overwrite, added=ADDED)

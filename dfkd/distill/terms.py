@@ -12,8 +12,9 @@ terms to its loss.
 * online selection (DFND's selection done per batch, as MMRazor's DFND implementation does):
   with ``online.keep`` = f < 1, :meth:`WithTerms.rows` gives the loop ⌈f·B⌉ images of the
   batch, chosen by their teacher noise value V(x) (the ``noise`` scorer of ``dfkd select``) with
-  ``online.policy``, one of ``select``'s policies: ``global`` (the paper's and MMRazor's: the
-  lowest V in the batch) or ``per-class`` (⌈f·B⌉/K lowest per predicted class). Only they go
+  ``online.policy``, one of ``select``'s policies: ``per-class`` (⌈f·B⌉/K lowest per predicted
+  class; the default, as in ``select``: the global rule collapses onto a few classes, README
+  Results) or ``global`` (the paper's and MMRazor's: the lowest V in the batch). Only they go
   through the student and into the losses; the others cost a teacher forward. A whole pool can
   then be distilled on, filtered batch by batch.
 """
@@ -77,12 +78,12 @@ TERM_DEFAULTS = {
     "align": {"weight": 0.0, "hidden": 256},
     "correlation": {"weight": 0.0, "tau": 0.5},
     "discriminator": {"weight": 0.0, "hidden": 256, "lr": 1e-4},
-    "online": {"keep": 1.0, "policy": "global"},
+    "online": {"keep": 1.0, "policy": "per-class"},
 }
 ONLINE_POLICIES = ("global", "per-class")  # select's policies that need no features
 
 
-def online_keep(teacher_logits: torch.Tensor, keep: float, policy: str = "global") -> torch.Tensor:
+def online_keep(teacher_logits: torch.Tensor, keep: float, policy: str) -> torch.Tensor:
     """Positions of the ⌈keep·B⌉ images that select's ``policy`` keeps by noise value, best
     first (ties: the earlier image)."""
     logits = teacher_logits.float().detach()
