@@ -87,13 +87,17 @@ def _on_device(images: torch.Tensor, raw: list, paths: list[str], errors: list[s
     return images
 
 
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise DfkdError(f"--batch-size {batch_size}: must be at least 1")
+
+
 def stream(model: nn.Module, spec: InputSpec, rows: Callable[[], Iterator[dict]], count: int, row_fn: RowFn,
            rt: Runtime, *, batch_size: int = 256,
            forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> Iterator[list[tuple]]:
     """Yield, once per step, the per-row results of the next rows (in row order on rank 0; an
     empty list on the other ranks). ``rows()`` streams the ``count`` rows to score."""
-    if batch_size < 1:
-        raise DfkdError(f"--batch-size {batch_size}: must be at least 1")
+    check_batch_size(batch_size)
     ranks = rt.ranks
     if not isinstance(model, torch.jit.ScriptModule):
         model = model.to(memory_format=torch.channels_last)
@@ -183,6 +187,7 @@ def score_run(run: RunDir, rt: Runtime, pool: str | Path, flag: str, identity: d
     The run is bound to ``identity`` plus the pool's digest and the shard; a run with the same
     identity resumes from the rows already written."""
     out, ranks = run.path, rt.ranks
+    check_batch_size(batch_size)  # before the run is bound to its inputs
     i, n = shard or (0, 1)
     fresh = out / ".pool-listing.tsv"
     listing = list_pool(pool, fresh, flag) if ranks.main else None

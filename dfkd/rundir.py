@@ -56,12 +56,15 @@ class RunDir:
         self.path, self.command, self.ranks = path, command, ranks
         self._lock = None
         self.resumed = False
+        self._created: Path | None = None  # the top folder of --out that this run created
 
     def _acquire(self) -> None:
         out = self.path
         if out.exists() and not out.is_dir():
             raise DfkdError(f"--out {out}: is a file, not a directory")
         try:
+            missing = [p for p in (out, *out.parents) if not p.exists()]
+            self._created = missing[-1] if missing else None
             out.mkdir(parents=True, exist_ok=True)
             f = open(out / ".lock", "a+", encoding="utf-8")
         except OSError as e:
@@ -133,8 +136,18 @@ class RunDir:
     def __enter__(self) -> "RunDir":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, *exc) -> None:
         self.close()
+        if kind is not None and self._created is not None and self.ranks.main:
+            try:  # failed before writing anything: leave no folders behind that hold only the lock
+                if [p.name for p in self.path.iterdir()] == [".lock"]:
+                    (self.path / ".lock").unlink()
+                    for folder in (self.path, *self.path.parents):
+                        folder.rmdir()
+                        if folder == self._created:
+                            break
+            except OSError:
+                pass
 
 
 def _with_added(inputs: dict, added: dict[tuple[str, ...], Any]) -> dict:

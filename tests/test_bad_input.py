@@ -70,6 +70,7 @@ CASES = [
     ("eval --model {T} --data {P} --out {P}/eval", "is inside --data"),
     ("pu-train --teacher {T} --positive {P} --unlabeled {D} --out {O} --prior 0.5", "is inside --unlabeled"),
 ]
+AFTER_SCORING = {"--max-score -1"}  # the pool's scores are kept: another --max-score reuses them
 ONE_LINE = {"distill", "expand", "train", "pu-train"}  # checked before anything else is printed (the config table)
 
 
@@ -82,6 +83,8 @@ def test_bad_input_is_one_line_and_exit_2(env, args, fragment):
     if args.split()[0] in ONE_LINE:
         assert len(lines) == 1, res.stderr
     assert "Traceback" not in res.output
+    if "{O}" in args and fragment not in AFTER_SCORING:  # no --out left behind holding only the lock (it was)
+        assert not Path(env["O"]).exists(), sorted(p.name for p in Path(env["O"]).iterdir())
 
 
 def test_label_beyond_the_classes_is_refused(tmp_path, pattern_folder):
