@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,10 @@ def read_state_dict(path: Path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         text = str(e)
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle
+            raise DfkdError(f"{path}: not a PyTorch weights file (torch.save writes one)") from None
         if "weights_only" in text or "Weights only load failed" in text:
             raise DfkdError(f"{path}: holds pickled code or objects, not just weights; dfkd loads weights only"
                             " (save a state_dict: torch.save(model.state_dict(), path))") from None
@@ -249,7 +254,8 @@ def load_model(card: ModelCard, device: str | torch.device = "cpu") -> nn.Module
                      f"unexpected {few(unexpected)}" if unexpected else "",
                      "other shape: " + few([f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
                                             for k in shapes]) if shapes else ""]
-            raise DfkdError(f"{card.weights}: does not fit arch {card.arch} with {card.num_classes} classes: "
+            raise DfkdError(f"{card.weights}: does not fit arch {card.arch} with {card.num_classes} classes and"
+                            f" {card.input.channels} input channels (the card's input:): "
                             + "; ".join(p for p in parts if p))
         model.load_state_dict(state)
     return model.to(device).eval()

@@ -50,7 +50,7 @@ def test_state_dict_that_does_not_fit_is_refused(tmp_path: Path, random_teacher:
     weights = random_teacher.with_suffix(".pt")
     card = write_card(tmp_path / "ten.yaml", arch="resnet8", num_classes=10, weights=str(weights),
                       input={"size": 16, "channels": 1})
-    with pytest.raises(DfkdError, match="does not fit arch resnet8 with 10 classes"):
+    with pytest.raises(DfkdError, match="does not fit arch resnet8 with 10 classes and 1 input channels"):
         load_model(load_card(card))
     card = write_card(tmp_path / "wide.yaml", arch="resnet8x4", num_classes=3, weights=str(weights),
                       input={"size": 16, "channels": 1})
@@ -69,6 +69,9 @@ def test_weights_are_loaded_without_unpickling_code(tmp_path: Path):
     with pytest.raises(DfkdError, match="holds pickled code or objects") as e:
         load_model(load_card(card))
     assert "weights_only=False" not in str(e.value)  # no hint to switch the protection off
+    (tmp_path / "evil.pt").write_bytes(bytes(range(256)) * 8)  # not a pickle at all: not "pickled code"
+    with pytest.raises(DfkdError, match="evil.pt: not a PyTorch weights file"):
+        load_model(load_card(card))
 
 
 def test_python_arches_run_only_with_trust_code(tmp_path: Path, pattern_folder: Path, monkeypatch):
