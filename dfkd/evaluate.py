@@ -70,8 +70,9 @@ def evaluate(card: ModelCard, data: str | Path, *, batch_size: int = 256, worker
     if n == 0:
         raise DfkdError(f"--data {data}: no image could be decoded")
     support = confusion.sum(1)
-    per_class = [float(confusion[i, i] / support[i]) if support[i] else None for i in range(k)]
-    return EvalResult(n, skipped, float(confusion.diag().sum() / n), top5_hits / n if k > 5 else None,
+    # ratios of integer counts in Python floats (a float32 tensor division printed 0.18666666746139526)
+    per_class = [int(confusion[i, i]) / int(support[i]) if support[i] else None for i in range(k)]
+    return EvalResult(n, skipped, int(confusion.diag().sum()) / n, top5_hits / n if k > 5 else None,
                       per_class, support.tolist(), confusion.tolist(), card.class_names)
 
 

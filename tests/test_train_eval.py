@@ -29,7 +29,7 @@ def test_train_then_eval_on_real_digits(tmp_path: Path, digits_folders):
     res = evaluate(card, test, workers=0, device="cpu")
     assert res.num_images == 397 and res.top1 > 0.6 and res.top5 >= res.top1
     assert sum(map(sum, res.confusion)) == 397
-    assert res.top1 == pytest.approx(sum(res.confusion[i][i] for i in range(10)) / 397)
+    assert res.top1 == sum(res.confusion[i][i] for i in range(10)) / 397  # exactly: no float32 digits in eval.json
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == result.steps and "val_top1" in records[-1] and "lr" in records[0]
 
