@@ -10,7 +10,7 @@
 #   echo /.whl/ >> .git/info/exclude   # once; then the faiss-cpu wheel for cp312:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 -d .whl faiss-cpu==1.15.1
-#   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=480)
+#   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=540)   # the parts: at most 150+240+90 s
 # DEVICE=cpu NUM=128 bash bench/gpu.sh tries the script's own plumbing here, on the CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,11 +47,11 @@ for m in ("yaml", "PIL", "numpy", "faiss", "sklearn", "timm", "pytest", "webdata
         print("  MISSING", m)
 PY
 
-part "pytest -m gpu" 200 $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests
+part "pytest -m gpu" 150 $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests
 part "select: GPU against CPU JPEG decoding, resnet50 at 224" 240 \
   $PY bench/select_throughput.py --device "$DEVICE" --arch torchvision:resnet50 --input 3x224x224 --classes 1000 \
     --jpeg 500x375 --num "${NUM:-8192}" --batch-size 256 --workers 8,15 --repeats 2 --budget 90
-part "distill: training steps against a bare loop" 120 $PY bench/distill_throughput.py --device "$DEVICE"
+part "distill: training steps against a bare loop" 90 $PY bench/distill_throughput.py --device "$DEVICE"
 echo
 echo "===== ratios ====="
 grep '^RATIO' "$out/gpu.log" | sed 's/^RATIO /  /'

@@ -216,9 +216,15 @@ def read_state_dict(path: Path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         text = str(e)
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle
+        try:
+            with open(path, "rb") as f:
+                head = f.read(2)
+            zipped = zipfile.is_zipfile(path)
+        except OSError as os_error:
+            raise DfkdError(f"{path}: cannot read weights ({os_error.strerror})") from None
+        if head == b"PK" and not zipped:
+            raise DfkdError(f"{path}: a damaged or cut-off weights file (torch.save's zip format)") from None
+        if not zipped and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle
             raise DfkdError(f"{path}: not a PyTorch weights file (torch.save writes one)") from None
         if "weights_only" in text or "Weights only load failed" in text:
             raise DfkdError(f"{path}: holds pickled code or objects, not just weights; dfkd loads weights only"

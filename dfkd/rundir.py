@@ -137,15 +137,21 @@ class RunDir:
         return self
 
     def __exit__(self, kind, *exc) -> None:
-        self.close()
-        if kind is not None and self._created is not None and self.ranks.main:
-            try:  # failed before writing anything: leave no folders behind that hold only the lock
+        empty = False
+        if kind is not None and self._created is not None and self._lock is not None:
+            try:  # failed before writing anything: the lock goes while still held (no one else's)
                 if [p.name for p in self.path.iterdir()] == [".lock"]:
                     (self.path / ".lock").unlink()
-                    for folder in (self.path, *self.path.parents):
-                        folder.rmdir()
-                        if folder == self._created:
-                            break
+                    empty = True
+            except OSError:
+                pass
+        self.close()
+        if empty:  # then the folders this run created, as long as nothing else came into them
+            try:
+                for folder in (self.path, *self.path.parents):
+                    folder.rmdir()
+                    if folder == self._created:
+                        break
             except OSError:
                 pass
 

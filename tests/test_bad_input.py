@@ -63,6 +63,8 @@ CASES = [
      "--input-std 'nan'"),
     ("distill --teacher {T} --student resnet8 --data {P} --out {O} --method magic", "--method 'magic'"),
     ("expand --pu {D}/nope.yaml --positive {P} --unlabeled {P} --out {O}", "--pu "),
+    ("distill --teacher {T} --student resnet8 --data {P} --out {O} --method kd --eval-data {D}/nowhere",
+     "--eval-data"),
     # a run's files inside a folder it reads would be images of that folder next time
     ("select --teacher {T} --pool {P} --out {P}/run", "is inside --pool"),
     ("distill --teacher {T} --student resnet8 --data {P} --out {P}/run --method kd", "is inside --data"),

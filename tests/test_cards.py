@@ -72,6 +72,11 @@ def test_weights_are_loaded_without_unpickling_code(tmp_path: Path):
     (tmp_path / "evil.pt").write_bytes(bytes(range(256)) * 8)  # not a pickle at all: not "pickled code"
     with pytest.raises(DfkdError, match="evil.pt: not a PyTorch weights file"):
         load_model(load_card(card))
+    torch.save(build_arch("resnet8", 3, 3).state_dict(), tmp_path / "evil.pt")
+    whole = (tmp_path / "evil.pt").read_bytes()
+    (tmp_path / "evil.pt").write_bytes(whole[: len(whole) // 2])  # a copy cut off
+    with pytest.raises(DfkdError, match="evil.pt: a damaged or cut-off weights file"):
+        load_model(load_card(card))
 
 
 def test_python_arches_run_only_with_trust_code(tmp_path: Path, pattern_folder: Path, monkeypatch):

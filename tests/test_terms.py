@@ -137,6 +137,27 @@ def test_online_per_class_keeps_a_share_of_every_predicted_class():
     assert torch.equal(objective.rows(t_logits), rows) and "per predicted class" in objective.describe()
 
 
+def test_online_per_class_takes_turns_and_prefers_no_class_index():
+    """Fewer kept rows than classes: the best row of each class competes, whatever its index (a
+    quota of ⌈n/K⌉ would go to classes 0..n-1). With enough rows of every class and n a multiple
+    of K, the turns choose what select's per-class quota does."""
+    from dfkd.select.policies import POLICIES
+
+    t_logits = torch.zeros(20, 10)
+    for i in range(20):  # two rows per class; classes 5..9 hold the confident ones
+        c = i % 10
+        t_logits[i, c] = (8.0 if c >= 5 else 2.0) + i / 20
+    rows = online_keep(t_logits, 0.25, "per-class")  # 5 rows
+    assert sorted(t_logits[rows].argmax(1).tolist()) == [5, 6, 7, 8, 9]
+    assert len(set(online_keep(t_logits, 0.5, "per-class").tolist())) == 10  # one row of every class
+    torch.manual_seed(1)
+    for _ in range(5):
+        logits = torch.randn(400, 4) * 3
+        kept = online_keep(logits, 0.2, "per-class")
+        chosen = POLICIES.get("per-class")(noise_value(logits).numpy(), logits.argmax(1).numpy(), 80, 4)
+        assert torch.equal(kept, torch.as_tensor(chosen))
+
+
 def test_online_selection_runs_the_student_on_the_kept_rows_only(tmp_path, pattern_folder, random_teacher, monkeypatch):
     """The loop asks the objective for the rows before the student's forward: the student's
     outputs, the labels and the teacher's logits of each step are those of the kept rows."""

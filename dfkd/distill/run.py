@@ -172,14 +172,14 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: str |
                 card_digest(load_card(student)), "data": [data_digest(p) for p in data],
                 "eval_data": data_digest(eval_data) if eval_data is not None else None,
                 "config": {**json.loads(json.dumps(config)), "online": _online_identity(terms["online"])}}
+    v_rows = labeled_paths(eval_data, card.classes, flag="--eval-data")[0] if eval_data is not None else None
     with open_run(out, "distill", rt.ranks,
                   reads=[*(("--data", p) for p in data), ("--eval-data", eval_data)]) as run:
         run.claim(identity, overwrite, added=ADDED)
         if on_event and rt.ranks.main:
             on_event(Opened())
         val = None
-        if eval_data is not None:
-            v_rows, _ = labeled_paths(eval_data, card.classes, flag="--eval-data")
+        if v_rows is not None:
             val = decode_images(v_rows.paths, card.input, v_rows.labels, workers=rt.workers, what="--eval-data",
                                 cache_dir=cache_dir, ranks=rt.ranks)
         train = decode_images(rows.paths, card.input, rows.labels, workers=rt.workers, what="--data",

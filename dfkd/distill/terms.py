@@ -12,11 +12,14 @@ terms to its loss.
 * online selection (DFND's selection done per batch, as MMRazor's DFND implementation does):
   with ``online.keep`` = f < 1, :meth:`WithTerms.rows` gives the loop ⌈f·B⌉ images of the
   batch, chosen by their teacher noise value V(x) (the ``noise`` scorer of ``dfkd select``) with
-  ``online.policy``, one of ``select``'s policies: ``per-class`` (⌈f·B⌉/K lowest per predicted
-  class; the default, as in ``select``: the global rule collapses onto a few classes, README
-  Results) or ``global`` (the paper's and MMRazor's: the lowest V in the batch). Only they go
-  through the student and into the losses; the others cost a teacher forward. A whole pool can
-  then be distilled on, filtered batch by batch.
+  ``online.policy``: ``per-class`` (the default: the predicted classes of the batch take turns,
+  each giving its lowest V, then its second lowest, ...; the global rule collapses onto a few
+  classes, README Results) or ``global`` (the paper's and MMRazor's: the lowest V of the batch).
+  Turns rather than ``select``'s quota of ⌈f·B⌉/K per class, because a batch may keep fewer
+  rows than there are classes: a quota would then go to the classes of lowest index. Only the
+  kept rows go through the student and into the losses; the others cost a teacher forward. A
+  whole pool can then be distilled on, filtered batch by batch. Under torchrun each rank chooses
+  from its own part of the batch (as MMRazor does on each GPU).
 """
 from __future__ import annotations
 
@@ -28,7 +31,6 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import DfkdError
-from ..select.policies import POLICIES
 from ..select.scores import noise_value
 from ..train.objective import Batch, LoopObjective
 from .objectives import Objective
@@ -80,16 +82,25 @@ TERM_DEFAULTS = {
     "discriminator": {"weight": 0.0, "hidden": 256, "lr": 1e-4},
     "online": {"keep": 1.0, "policy": "per-class"},
 }
-ONLINE_POLICIES = ("global", "per-class")  # select's policies that need no features
+ONLINE_POLICIES = ("per-class", "global")
 
 
 def online_keep(teacher_logits: torch.Tensor, keep: float, policy: str) -> torch.Tensor:
-    """Positions of the ⌈keep·B⌉ images that select's ``policy`` keeps by noise value, best
-    first (ties: the earlier image)."""
+    """Positions of the ⌈keep·B⌉ images kept by ``policy`` (:data:`ONLINE_POLICIES`), lowest
+    noise value first (ties: the earlier image). On the logits' device, without a sync."""
     logits = teacher_logits.float().detach()
     n = max(1, math.ceil(keep * len(logits)))
-    scores, labels = noise_value(logits).cpu().numpy(), logits.argmax(1).cpu().numpy()
-    return torch.as_tensor(POLICIES.get(policy)(scores, labels, n, logits.shape[1]), device=logits.device)
+    best = torch.sort(noise_value(logits), stable=True).indices  # positions, best first
+    if policy == "global":
+        return best[:n]
+    # per-class: each row's turn is its rank among the rows of its predicted class
+    label = logits.argmax(1)[best]
+    by_class = torch.sort(label, stable=True).indices  # best first within each class
+    grouped = label[by_class]
+    turn = torch.empty_like(by_class)
+    turn[by_class] = torch.arange(len(label), device=label.device) - torch.searchsorted(grouped, grouped)
+    taken = torch.sort(turn * len(label) + torch.arange(len(label), device=label.device)).indices[:n]
+    return best[torch.sort(taken).values]
 
 
 def check_terms(terms: dict | None) -> dict:

@@ -113,7 +113,7 @@ def expand(pu_card: str | Path, positive: str | Path, unlabeled: str | Path, out
         return look_again(model, card.input, paths, rt, batch_size=batch_size)
 
     identity = {"pu": card_digest(card), "teacher": t.identity() if t else None}
-    with open_run(out, "expand", rt.ranks, reads=[("--unlabeled", unlabeled)]) as run:
+    with open_run(out, "expand", rt.ranks, reads=[("--unlabeled", unlabeled), ("--positive", positive)]) as run:
         segment = score_run(run, rt, unlabeled, "--unlabeled", identity, model, card.input, rows,
                             (float, int, str), batch_size=batch_size, overwrite=overwrite,
                             on_progress=on_progress, forward=both)
