@@ -20,7 +20,7 @@ POOL = [
     ("dedup-off", "DFND selection, per-class top-k, duplicates kept + noisy distillation"),
     ("diverse", "DFND selection, per-class across 8 k-means clusters (`--policy diverse`) + noisy distillation"),
     ("online", "Online selection: whole pool streamed, each batch keeps its 20 % lowest noise values"),
-    ("online-per-class", "Online selection per class (`online.policy=per-class`): each batch keeps 20 %, the lowest noise values of each predicted class"),
+    ("online-per-class", "Online selection per class (`online.policy=per-class`): each batch keeps 20 %, its predicted classes taking turns"),
     ("pu", "PU Compression: 200 positives (2 %) + expanded pool + robust KD"),
     ("ensemble", "Ensemble of two teachers (resnet20 + resnet14): per-class selection + noisy distillation"),
     ("mlkd", "Per-class selection + noisy distillation + MLKD align (×10) + correlation (×20)"),
