@@ -317,13 +317,12 @@ def distill(
 ) -> None:
     """Distill the teacher into a student on selected/expanded images (kd, noisy, robust)."""
     from .config import resolve_config
-    from .distill.run import check_config, default_config, distill as run_distill
+    from .distill.run import default_config, distill as run_distill
 
     cfg = resolve_config(default_config(), config, set_, _loop_flags(
         method=method, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, seed=seed,
         **{"objective.temperature": temperature}))
     cards = [_card(t, input_size, input_channels, input_mean, input_std) for t in teacher]
-    check_config(cards, cfg)
     with _training_progress(table("config", ["key", "value"], cfg.items())) as on_event:
         result = run_distill(cards, student, data, out, cfg, eval_data=eval_data, workers=workers,
                              device=device, overwrite=overwrite, tensorboard=tensorboard, cache_dir=cache_dir,
@@ -374,13 +373,12 @@ def pu_train(
 ) -> None:
     """Train the PU classifier (nnPU risk, multi-scale SE features) of PU Compression."""
     from .config import resolve_config
-    from .pu.train import PuConfig, default_config, pu_train as run_pu
+    from .pu.train import default_config, pu_train as run_pu
 
     cfg = resolve_config(default_config(), config, set_, _loop_flags(
         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, seed=seed, positive_share=positive_share,
         **{"nnpu.prior": prior, "nnpu.beta": beta, "nnpu.gamma": gamma, "model.backbone": backbone,
            "model.taps": taps, "model.reduction": reduction}))
-    PuConfig(**cfg).check()
     card = _card(teacher)
     with _training_progress(table("config", ["key", "value"], cfg.items())) as on_event:
         r = run_pu(card, positive, unlabeled, out, cfg, workers=workers, device=device, overwrite=overwrite,

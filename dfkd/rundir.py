@@ -32,6 +32,7 @@ import torch
 from . import __version__
 from .dist import SINGLE, Ranks
 from .errors import DfkdError
+from .events import OnEvent, Opened
 from .io import file_sha256, write_json
 
 # What a run keeps between attempts; --overwrite removes it (outputs are rewritten anyway).
@@ -87,9 +88,11 @@ class RunDir:
             for tmp in sub.glob(".*.tmp") if sub.is_dir() else ():
                 tmp.unlink(missing_ok=True)
 
-    def claim(self, identity: dict, overwrite: bool = False, added: dict[tuple[str, ...], Any] | None = None) -> bool:
+    def claim(self, identity: dict, overwrite: bool = False, added: dict[tuple[str, ...], Any] | None = None,
+              on_event: OnEvent | None = None) -> bool:
         """Bind the directory to ``identity`` (JSON-able); True when it already was (a resume).
-        ``added``: identity keys newer than some runs (path → the value that behaves as before)."""
+        ``added``: identity keys newer than some runs (path → the value that behaves as before).
+        ``on_event`` then hears :class:`~dfkd.events.Opened` (on rank 0)."""
         error = None
         if self.ranks.main:
             try:
@@ -98,6 +101,8 @@ class RunDir:
                 error = str(e)
         self.ranks.agree(error)
         self.resumed = self.ranks.broadcast(self.resumed)
+        if on_event and self.ranks.main:
+            on_event(Opened())
         return self.resumed
 
     def _claim(self, identity: dict, overwrite: bool, added: dict[tuple[str, ...], Any]) -> bool:

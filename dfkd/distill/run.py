@@ -16,7 +16,7 @@ import yaml
 
 from ..cards import ModelCard, build_arch, load_card, load_model, save_card
 from ..errors import DfkdError
-from ..events import Note, OnEvent, Opened
+from ..events import Note, OnEvent
 from ..images import labeled_paths, pool_paths
 from ..index import Rows, write_index
 from ..io import write_json, write_text
@@ -175,9 +175,7 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: str |
     v_rows = labeled_paths(eval_data, card.classes, flag="--eval-data")[0] if eval_data is not None else None
     with open_run(out, "distill", rt.ranks,
                   reads=[*(("--data", p) for p in data), ("--eval-data", eval_data)]) as run:
-        run.claim(identity, overwrite, added=ADDED)
-        if on_event and rt.ranks.main:
-            on_event(Opened())
+        run.claim(identity, overwrite, added=ADDED, on_event=on_event)
         val = None
         if v_rows is not None:
             val = decode_images(v_rows.paths, card.input, v_rows.labels, workers=rt.workers, what="--eval-data",

@@ -99,7 +99,7 @@ def online_keep(teacher_logits: torch.Tensor, keep: float, policy: str) -> torch
     grouped = label[by_class]
     turn = torch.empty_like(by_class)
     turn[by_class] = torch.arange(len(label), device=label.device) - torch.searchsorted(grouped, grouped)
-    taken = torch.sort(turn * len(label) + torch.arange(len(label), device=label.device)).indices[:n]
+    taken = torch.sort(turn, stable=True).indices[:n]  # turn by turn, best first within a turn
     return best[torch.sort(taken).values]
 
 

@@ -19,7 +19,7 @@ import yaml
 
 from ..cards import ModelCard, build_arch, load_card, read_state_dict
 from ..errors import DfkdError
-from ..events import OnEvent, Opened
+from ..events import OnEvent
 from ..images import pool_paths
 from ..index import write_index
 from ..io import atomic_write, write_text
@@ -157,9 +157,7 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
     options = asdict(cfg)
     with open_run(out, "pu-train", rt.ranks, reads=[("--positive", positive), ("--unlabeled", unlabeled)]) as run:
         run.claim({"teacher": card_digest(teacher), "positive": data_digest(positive),
-                   "unlabeled": data_digest(unlabeled), "config": options}, overwrite)
-        if on_event and rt.ranks.main:
-            on_event(Opened())
+                   "unlabeled": data_digest(unlabeled), "config": options}, overwrite, on_event=on_event)
         # one decoded set (in memory or the on-disk cache): the positives first, then the pool
         labels = np.concatenate([np.ones(len(positives), np.int64), np.zeros(len(pool), np.int64)])
         both = decode_images(positives.paths + pool.paths, spec, labels, workers=rt.workers,

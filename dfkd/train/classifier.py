@@ -14,7 +14,7 @@ from torch import nn
 from .. import shards
 from ..cards import build_arch, save_card
 from ..errors import DfkdError
-from ..events import OnEvent, Opened
+from ..events import OnEvent
 from ..images import InputSpec, labeled_paths
 from ..index import write_index
 from ..io import write_text
@@ -91,9 +91,8 @@ def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConf
     build_arch(arch, num_classes, spec.channels, arch_args)  # fail on a bad arch before decoding
     with open_run(out, "train", rt.ranks, reads=[("--data", data)]) as run:
         run.claim({"arch": arch, "arch_args": arch_args, "data": data_digest(data), "size": size,
-                   "channels": channels, "val_split": val_split, "config": asdict(cfg)}, overwrite)
-        if on_event and rt.ranks.main:
-            on_event(Opened())
+                   "channels": channels, "val_split": val_split, "config": asdict(cfg)}, overwrite,
+                  on_event=on_event)
         full = decode_images(rows.paths, spec, labels, workers=rt.workers, what="--data", cache_dir=cache_dir,
                              ranks=rt.ranks, on_event=on_event)
         full.skipped = rows.problems + full.skipped
