@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,28 +88,81 @@ def random_card(folder: Path, arch: str, seed: int = 0, spec: InputSpec = SPEC,
                      kind="teacher", accuracy=0.9, notes="random weights, for benchmarks only")
 
 
-def _write_jpegs(args: tuple[Path, int, int, int, int]) -> None:
-    folder, start, stop, w, h = args
+WALLPAPERS = [Path("/usr/share/wallpapers"), Path("/usr/share/backgrounds")]
+
+
+def wallpapers() -> list[Path]:
+    """Photographs and renderings from Debian's wallpaper packages (gnome-backgrounds,
+    plasma-workspace-wallpapers), at least 1000 px on their shorter side."""
     from PIL import Image
 
+    found = []
+    for root in WALLPAPERS:
+        for p in sorted(root.rglob("*")) if root.is_dir() else []:
+            if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp") and "screenshot" not in p.name:
+                try:
+                    with Image.open(p) as img:
+                        if min(img.size) >= 1000:
+                            found.append(p)
+                except OSError:
+                    continue
+    return found
+
+
+def _noise_jpeg(i: int, w: int, h: int, sources: list[Path]):
+    from PIL import Image
+
+    rng = np.random.default_rng(i)
+    small = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(small, "RGB").resize((w, h), Image.BICUBIC)
+
+
+def _photo_crop(i: int, w: int, h: int, sources: list[Path]):
+    """A random crop of a wallpaper (a random scale from 1 to 3 times the size), resized to w×h."""
+    from PIL import Image
+
+    rng = np.random.default_rng(i)
+    with Image.open(sources[i % len(sources)]) as img:
+        img = img.convert("RGB")
+        scale = min(rng.uniform(1.0, 3.0), img.width / w, img.height / h)
+        cw, ch = int(w * scale), int(h * scale)
+        x, y = int(rng.integers(0, img.width - cw + 1)), int(rng.integers(0, img.height - ch + 1))
+        return img.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC)
+
+
+def _write_jpegs(args: tuple) -> None:
+    folder, start, stop, w, h, prefix, make, sources = args
     for i in range(start, stop):
-        rng = np.random.default_rng(i)
-        small = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
-        img = Image.fromarray(small, "RGB").resize((w, h), Image.BICUBIC)
-        img.save(folder / f"img-{i:06d}.jpg", quality=90)
+        make(i, w, h, sources).save(folder / f"{prefix}-{i:06d}.jpg", quality=90)
 
 
-def jpeg_pool(folder: Path, n: int, width: int, height: int, processes: int | None = None) -> Path:
-    """``n`` RGB JPEGs of ``width``×``height`` (smooth noise, quality 90: photo-like in size and
-    decoding cost), written in parallel; the same arguments give the same files."""
+def _pool(make, sources, folder: Path, n: int, width: int, height: int, processes: int | None, prefix: str) -> Path:
     from multiprocessing import Pool
 
     folder.mkdir(parents=True, exist_ok=True)
     procs = processes or cores()
     step = -(-n // procs)
     with Pool(procs) as pool:
-        pool.map(_write_jpegs, [(folder, a, min(n, a + step), width, height) for a in range(0, n, step)])
+        pool.map(_write_jpegs, [(folder, a, min(n, a + step), width, height, prefix, make, sources)
+                                for a in range(0, n, step)])
     return folder
+
+
+def jpeg_pool(folder: Path, n: int, width: int, height: int, processes: int | None = None,
+              prefix: str = "img") -> Path:
+    """``n`` RGB JPEGs of ``width``×``height`` (smooth noise, quality 90: photo-like in size and
+    decoding cost), written in parallel; the same arguments give the same files."""
+    return _pool(_noise_jpeg, [], folder, n, width, height, processes, prefix)
+
+
+def photo_pool(folder: Path, n: int, width: int, height: int, processes: int | None = None,
+               prefix: str = "photo") -> Path:
+    """``n`` real photographs as baseline JPEGs of ``width``×``height`` (quality 90): random crops
+    of :func:`wallpapers`; the same arguments give the same files."""
+    sources = wallpapers()
+    if not sources:
+        sys.exit("no wallpapers found: apt-get install gnome-backgrounds plasma-workspace-wallpapers")
+    return _pool(_photo_crop, sources, folder, n, width, height, processes, prefix)
 
 
 def _write_pngs(folder: Path, n: int, seed: int = 0) -> None:
@@ -191,3 +247,41 @@ class CpuShare:
 
 def fmt_rate(x: float) -> str:
     return f"{x:10.0f} img/s"
+
+
+def _private_bytes(pid: int) -> int:
+    """RssAnon of ``pid`` and its descendants (bytes), 0 for processes gone meanwhile."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    total += int(line.split()[1]) * 1024
+            for t in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (t / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+    """Wall seconds and peak private bytes of ``cmd`` (its exit status must be 0)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    peak, stop = [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _private_bytes(proc.pid))
+            stop.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, err = proc.communicate()
+    wall = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)}: exit {proc.returncode}\n{err.decode()[-2000:]}")
+    return wall, peak[0]

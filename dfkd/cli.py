@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .console import emit, err, progress, table
-from .errors import DfkdError
+from .errors import DfkdError, out_of_memory
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Data-free model compression: select stand-in data from a wild pool, distill a student.")
@@ -82,8 +83,12 @@ def command(fn):
     def wrapper(*args, **kwargs):
         try:
             fn(*args, **kwargs)
-        except DfkdError as e:
-            err.print(f"[bold red]dfkd {fn.__name__.rstrip('_').replace('_', '-')}: error:[/] {e}", soft_wrap=True)
+        except Exception as e:
+            error = e if isinstance(e, DfkdError) else out_of_memory(e)
+            if error is None:
+                raise
+            err.print(f"[bold red]dfkd {fn.__name__.rstrip('_').replace('_', '-')}: error:[/] {escape(str(error))}",
+                      soft_wrap=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: run the same command again to resume")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import gpu_decode
-from .errors import DfkdError
+from .errors import DfkdError, out_of_memory
 from .images import BadImage, InputSpec, image_tensor, normalize
 from .io import write_json
 from .pool import Listing, list_pool
@@ -107,7 +107,7 @@ def stream(model: nn.Module, spec: InputSpec, rows: Callable[[], Iterator[dict]]
     batches = iter(data)
     for step in range(math.ceil(blocks / ranks.world)):
         b = step * ranks.world + ranks.rank
-        payload = None
+        payload, failure = None, None
         if b < blocks:
             got, images, labels, paths, errors, raw = next(batches)
             assert got == b, f"block {got} arrived for {b}"
@@ -118,11 +118,16 @@ def stream(model: nn.Module, spec: InputSpec, rows: Callable[[], Iterator[dict]]
                     with autocast(rt.device, rt.amp):
                         out = forward(model, x) if forward else model(x)
                     payload = (row_fn(out.float().cpu(), labels, paths, errors), None)
-            except DfkdError as e:
-                payload = (None, str(e))
+            except Exception as e:  # told to every rank, so that all stop together
+                known = e if isinstance(e, DfkdError) else out_of_memory(e)
+                if known is None and ranks.world == 1:
+                    raise
+                payload, failure = (None, str(known) if known else f"rank {ranks.rank}: {type(e).__name__}: {e}"), e
         gathered = ranks.all_gather(payload)
         error = next((p[1] for p in gathered if p and p[1]), None)
-        if error:  # every rank has it: all stop together
+        if error:
+            if failure is not None and not isinstance(failure, DfkdError) and out_of_memory(failure) is None:
+                raise failure  # this rank's own bug keeps its traceback; the others end with one line
             raise DfkdError(error)
         yield [r for p in gathered if p for r in p[0]] if ranks.main else []
 

@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import shards
-from .images import MAX_PIXELS, InputSpec
+from .images import MAX_PIXELS, ORIENTATION, InputSpec
 
-ORIENTATION = 0x0112
 SOI, EOI = b"\xff\xd8\xff", b"\xff\xd9"  # a JPEG's first bytes, and its end-of-image marker
 
 

@@ -82,8 +82,44 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
 
 
-def load_image(path: str, channels: int) -> Image.Image:
-    """Decode ``path`` as an ``L`` (channels=1) or ``RGB`` image; raise BadImage(reason)."""
+ORIENTATION = 0x0112  # EXIF tag; values 5 to 8 turn the picture by 90 degrees
+
+
+def reduced_decoding() -> bool:
+    """Whether JPEGs are decoded at a reduced size when the model's input is much smaller
+    (``DFKD_REDUCED_DECODE=0`` decodes every pixel; see :func:`load_image`)."""
+    return os.environ.get("DFKD_REDUCED_DECODE", "1") != "0"
+
+
+def _draft(img: Image.Image, size: tuple[int, int]) -> tuple[float, float] | None:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) while still at least
+    ``size`` (W, H) once the EXIF rotation is applied; other formats ignore it. Returns the
+    picture's exact extent at that scale, as shown (the decoded size rounds it up), or None."""
+    if img.format != "JPEG":
+        return None
+    w, h = size
+    turned = img.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
+    if turned:
+        w, h = h, w
+    drafted = img.draft(None, (w, h))
+    if drafted is None or tuple(img.size) == tuple(drafted[1][2:]):
+        return None
+    ew, eh = drafted[1][2:]
+    return (eh, ew) if turned else (ew, eh)
+
+
+def load_image(path: str, channels: int, at_least: tuple[int, int] | None = None) -> Image.Image:
+    """Decode ``path`` as an ``L`` (channels=1) or ``RGB`` image; raise BadImage(reason).
+
+    ``at_least`` (W, H): the image will be resized down to about that size, so a JPEG may be
+    decoded at a reduced scale no smaller than it (the README's "Real resolution" gives the
+    tolerance; ``DFKD_REDUCED_DECODE=0`` turns it off)."""
+    return _decode(path, channels, at_least)[0]
+
+
+def _decode(path: str, channels: int, at_least: tuple[int, int] | None) -> tuple[Image.Image, tuple | None]:
+    """:func:`load_image`, and the exact extent (W, H) of a JPEG decoded at a reduced scale."""
+    extent = None
     try:
         source = shards.source(path)
         if (os.path.getsize(path) if isinstance(source, str) else source.getbuffer().nbytes) == 0:
@@ -94,6 +130,8 @@ def load_image(path: str, channels: int) -> Image.Image:
                 w, h = img.size
                 if w * h > MAX_PIXELS:
                     raise BadImage(f"decompression bomb ({w}x{h} pixels > {MAX_PIXELS})")
+                if at_least is not None and reduced_decoding():
+                    extent = _draft(img, at_least)
                 img.load()
                 img = ImageOps.exif_transpose(img)
     except BadImage:
@@ -112,20 +150,23 @@ def load_image(path: str, channels: int) -> Image.Image:
         rgba = img.convert("RGBA")
         img = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         img.alpha_composite(rgba)
-    return img.convert("L" if channels == 1 else "RGB")
+    return img.convert("L" if channels == 1 else "RGB"), extent
 
 
-def fit_image(img: Image.Image, spec: InputSpec) -> Image.Image:
-    """Resize to the spec's H×W by its resize mode."""
+def fit_image(img: Image.Image, spec: InputSpec, extent: tuple[float, float] | None = None) -> Image.Image:
+    """Resize to the spec's H×W by its resize mode. ``extent``: the picture's exact (W, H) in
+    ``img``'s pixels when that is not its size (a reduced JPEG decode rounds its last row and
+    column up): geometry follows the picture, not the rounding."""
     h, w = spec.size
-    if img.size == (w, h):
+    iw, ih = extent or img.size
+    box = (0, 0, iw, ih)
+    if img.size == (w, h) and extent is None:
         return img
     if spec.resize == "stretch":
-        return img.resize((w, h), Image.BILINEAR)
-    iw, ih = img.size
+        return img.resize((w, h), Image.BILINEAR, box=box)
     scale = max(w / iw, h / ih) if spec.resize == "crop" else min(w / iw, h / ih)
     nw, nh = max(1, round(iw * scale)), max(1, round(ih * scale))
-    img = img.resize((nw, nh), Image.BILINEAR)
+    img = img.resize((nw, nh), Image.BILINEAR, box=box)
     if spec.resize == "crop":
         left, top = (nw - w) // 2, (nh - h) // 2
         return img.crop((left, top, left + w, top + h))
@@ -136,7 +177,9 @@ def fit_image(img: Image.Image, spec: InputSpec) -> Image.Image:
 
 def image_tensor(path: str, spec: InputSpec) -> torch.Tensor:
     """uint8 C×H×W tensor of ``path`` as ``spec`` asks (raises BadImage)."""
-    arr = np.asarray(fit_image(load_image(path, spec.channels), spec), dtype=np.uint8)
+    h, w = spec.size
+    img, extent = _decode(path, spec.channels, (w, h))
+    arr = np.asarray(fit_image(img, spec, extent), dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()

@@ -178,9 +178,9 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: str |
         run.claim(identity, overwrite, added=ADDED, on_event=on_event)
         val = None
         if v_rows is not None:
-            val = decode_images(v_rows.paths, card.input, v_rows.labels, workers=rt.workers, what="--eval-data",
+            val = decode_images(v_rows.paths, card.input, v_rows.labels, batch_size=loop.batch_size, workers=rt.workers, what="--eval-data",
                                 cache_dir=cache_dir, ranks=rt.ranks)
-        train = decode_images(rows.paths, card.input, rows.labels, workers=rt.workers, what="--data",
+        train = decode_images(rows.paths, card.input, rows.labels, batch_size=loop.batch_size, workers=rt.workers, what="--data",
                               cache_dir=cache_dir, ranks=rt.ranks, on_event=on_event)
         train.skipped = rows.problems + train.skipped
         train, counts = _finite_teacher(teacher.model, train, card, rt.device, loop)

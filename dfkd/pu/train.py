@@ -160,7 +160,7 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
                    "unlabeled": data_digest(unlabeled), "config": options}, overwrite, on_event=on_event)
         # one decoded set (in memory or the on-disk cache): the positives first, then the pool
         labels = np.concatenate([np.ones(len(positives), np.int64), np.zeros(len(pool), np.int64)])
-        both = decode_images(positives.paths + pool.paths, spec, labels, workers=rt.workers,
+        both = decode_images(positives.paths + pool.paths, spec, labels, batch_size=cfg.batch_size, workers=rt.workers,
                              what="--positive and --unlabeled", cache_dir=cache_dir, ranks=rt.ranks, on_event=on_event)
         is_pos = both.labels == 1
         for flag, listed, decoded in (("--positive", positives, is_pos), ("--unlabeled", pool, ~is_pos)):

@@ -92,7 +92,7 @@ class DiskImages:
             os.close(self._fd)
 
 
-def cached_images(paths: Sequence[str], spec: InputSpec, cache_dir: str | Path | None, *, workers: int,
+def cached_images(paths: Sequence[str], spec: InputSpec, cache_dir: str | Path | None, *, batch_size: int, workers: int,
                   ranks: Ranks, on_progress: Callable[[int, int], None] | None = None
                   ) -> tuple[DiskImages, list[tuple[int, str]]]:
     """Every row of ``paths`` in the cache (built or finished first); returns the images and
@@ -107,7 +107,7 @@ def cached_images(paths: Sequence[str], spec: InputSpec, cache_dir: str | Path |
         try:
             ranks.all_gather(None)  # the others wait for rank 0's lock
             if not meta.is_file():
-                _build(entry, paths, spec, shape, workers, ranks, on_progress)
+                _build(entry, paths, spec, shape, batch_size, workers, ranks, on_progress)
         finally:
             if lock is not None:
                 lock.close()
@@ -136,8 +136,8 @@ def _lock(root: Path, key: str):
     return f
 
 
-def _build(entry: Path, paths: Sequence[str], spec: InputSpec, shape: tuple[int, ...], workers: int,
-           ranks: Ranks, on_progress: Callable[[int, int], None] | None) -> None:
+def _build(entry: Path, paths: Sequence[str], spec: InputSpec, shape: tuple[int, ...], batch_size: int,
+           workers: int, ranks: Ranks, on_progress: Callable[[int, int], None] | None) -> None:
     row_bytes = int(np.prod(shape))
     partial, parts = entry / "images.u8.partial", entry / "parts"
     if ranks.main:
@@ -157,7 +157,7 @@ def _build(entry: Path, paths: Sequence[str], spec: InputSpec, shape: tuple[int,
                 start, stop = c * CHUNK, min(len(paths), (c + 1) * CHUNK)
                 if not (parts / f"{c}.json").is_file():
                     failed = []
-                    for x, _, pos, errors in loader(ImageDataset(paths[start:stop], spec), 256, workers,
+                    for x, _, pos, errors in loader(ImageDataset(paths[start:stop], spec), batch_size, workers,
                                                     torch.device("cpu")):
                         data = np.ascontiguousarray(x.numpy())
                         for j, p in enumerate(pos.tolist()):

@@ -93,10 +93,10 @@ def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConf
         run.claim({"arch": arch, "arch_args": arch_args, "data": data_digest(data), "size": size,
                    "channels": channels, "val_split": val_split, "config": asdict(cfg)}, overwrite,
                   on_event=on_event)
-        full = decode_images(rows.paths, spec, labels, workers=rt.workers, what="--data", cache_dir=cache_dir,
+        full = decode_images(rows.paths, spec, labels, batch_size=cfg.batch_size, workers=rt.workers, what="--data", cache_dir=cache_dir,
                              ranks=rt.ranks, on_event=on_event)
         full.skipped = rows.problems + full.skipped
-        spec.mean, spec.std = channel_stats(full)
+        spec.mean, spec.std = channel_stats(full, cfg.batch_size)
         train, val = split(full, val_split, cfg.seed) if val_split > 0 else (full, None)
         torch.manual_seed(cfg.seed)
         model = build_arch(arch, num_classes, spec.channels, arch_args)

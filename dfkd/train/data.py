@@ -68,27 +68,29 @@ class ImageSet:
 
 
 def decode_images(paths: Sequence[str], spec: InputSpec, labels: Sequence[int] | None = None, *,
-                  workers: int = 0, what: str = "--data", cache_dir: str | Path | None = None,
+                  batch_size: int = 64, workers: int = 0, what: str = "--data", cache_dir: str | Path | None = None,
                   ranks: Ranks = SINGLE, on_event: OnEvent | None = None) -> ImageSet:
     """Decode every file once; bad files are left out and listed in ``skipped``.
 
     A set larger than :func:`in_memory_bytes` goes to the on-disk cache under ``cache_dir``
     (built in parallel by the ranks, reused by later runs). ``on_event`` receives the training
-    commands' events (:mod:`dfkd.events`): :class:`Decoded` and, for the cache, a :class:`Note` naming it."""
+    commands' events (:mod:`dfkd.events`): :class:`Decoded` and, for the cache, a :class:`Note` naming it.
+    Images are decoded ``batch_size`` at a time (the commands pass ``--batch-size``): with
+    ``workers`` processes, at most ``workers × 4`` batches are in flight (runtime.loader)."""
     paths = PathArray.of(paths)
     labels = torch.as_tensor(np.asarray(labels, dtype=np.int64)) if labels is not None else \
         torch.full((len(paths),), -1, dtype=torch.long)
     size = len(paths) * spec.channels * spec.size[0] * spec.size[1]
     on_progress = (lambda d, t: on_event(Decoded(d, t))) if on_event else None
     if size > in_memory_bytes():
-        images, failed = cached_images(paths, spec, cache_dir, workers=workers, ranks=ranks,
+        images, failed = cached_images(paths, spec, cache_dir, batch_size=batch_size, workers=workers, ranks=ranks,
                                        on_progress=on_progress)
         if on_event:
             on_event(Note(f"{what}: {len(paths)} images in the decoded cache {images.file.parent}"
                           f" ({size / 2**20:,.0f} MiB, over the {in_memory_bytes() / 2**20:,.0f} MiB kept in memory;"
                           " later runs reuse it)"))
     else:
-        images, failed = _decode_in_memory(paths, spec, workers, on_progress)
+        images, failed = _decode_in_memory(paths, spec, batch_size, workers, on_progress)
     ok = torch.ones(len(paths), dtype=torch.bool)
     ok[[row for row, _ in failed]] = False
     skipped = [{"path": paths[row], "reason": reason} for row, reason in failed]
@@ -100,11 +102,11 @@ def decode_images(paths: Sequence[str], spec: InputSpec, labels: Sequence[int] |
     return full if len(keep) == len(paths) else full.subset(keep, skipped)
 
 
-def _decode_in_memory(paths: Sequence[str], spec: InputSpec, workers: int,
+def _decode_in_memory(paths: Sequence[str], spec: InputSpec, batch_size: int, workers: int,
                       on_progress: Callable[[int, int], None] | None) -> tuple[torch.Tensor, list[tuple[int, str]]]:
     images = torch.empty(len(paths), spec.channels, *spec.size, dtype=torch.uint8)
     failed, done = [], 0
-    for x, _, pos, errors in loader(ImageDataset(paths, spec), 256, workers, torch.device("cpu")):
+    for x, _, pos, errors in loader(ImageDataset(paths, spec), batch_size, workers, torch.device("cpu")):
         images[pos] = x
         failed += [(p, err) for p, err in zip(pos.tolist(), errors) if err]
         done += len(pos)
@@ -113,7 +115,7 @@ def _decode_in_memory(paths: Sequence[str], spec: InputSpec, workers: int,
     return images, failed
 
 
-def channel_stats(data: ImageSet, batch_size: int = 1024) -> tuple[list[float], list[float]]:
+def channel_stats(data: ImageSet, batch_size: int) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the decoded images (in [0, 1] units), one batch at a time."""
     total = sq = None
     for x in data.batches(batch_size):

@@ -111,18 +111,19 @@ class LoopResult:
         return self.resumed_from == self.steps
 
 
-def outputs(model: nn.Module, data: ImageSet, spec: InputSpec, device: torch.device, cfg: LoopConfig,
-            batch_size: int = 512) -> torch.Tensor:
+def outputs(model: nn.Module, data: ImageSet, spec: InputSpec, device: torch.device,
+            cfg: LoopConfig) -> torch.Tensor:
     """The model's outputs (float32, CPU) on a decoded set, unaugmented; model left in eval mode."""
-    return torch.cat([torch.zeros(0), *batch_outputs(model, data, spec, device, cfg, batch_size)])
+    return torch.cat([torch.zeros(0), *batch_outputs(model, data, spec, device, cfg)])
 
 
-def batch_outputs(model: nn.Module, data: ImageSet, spec: InputSpec, device: torch.device, cfg: LoopConfig,
-                  batch_size: int = 512) -> Iterator[torch.Tensor]:
-    """:func:`outputs` one batch at a time, for a set whose outputs are too large to keep."""
+def batch_outputs(model: nn.Module, data: ImageSet, spec: InputSpec, device: torch.device,
+                  cfg: LoopConfig) -> Iterator[torch.Tensor]:
+    """:func:`outputs` one batch at a time, for a set whose outputs are too large to keep; the
+    batch is the run's ``batch_size`` (``--batch-size``), so memory follows the user's setting."""
     model.eval()
     with torch.inference_mode():
-        for images in data.batches(batch_size):
+        for images in data.batches(cfg.batch_size):
             x = normalize(images, spec, device, cfg.channels_last)
             with autocast(device, cfg.amp):
                 yield model(x).float().cpu()
