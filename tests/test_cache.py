@@ -50,7 +50,7 @@ def test_cache_holds_the_same_pixels_skips_the_same_files_and_is_reused(pattern_
     assert torch.equal(sub.read(torch.tensor([1, 0])), ram.images[[7, 2]])
 
     (entry,) = [p for p in on_disk.iterdir() if p.is_dir()]
-    assert sorted(p.name for p in entry.iterdir()) == ["images.u8", "meta.json"]
+    assert sorted(p.name for p in entry.iterdir()) == ["digests.u8", "images.u8", "meta.json"]
     stamp = (entry / "meta.json").stat().st_mtime_ns
     decode_images(paths, SPEC, labels)  # the same rows again: the entry is reused, not rebuilt
     assert (entry / "meta.json").stat().st_mtime_ns == stamp
@@ -123,3 +123,31 @@ def test_distill_from_the_cache_trains_the_same_student_as_from_memory(tmp_path,
     counts = [json.loads((tmp_path / d / "class_counts.json").read_text())["class_counts"] for d in ("ram", "disk")]
     assert counts[0] == counts[1]
     shutil.rmtree(tmp_path / "cache")
+
+
+def test_a_damaged_entry_is_refused_never_trained_on(tmp_path, pattern_folder, on_disk, random_teacher):
+    """Bytes flipped inside images.u8 (same size, meta.json intact): the row's digest no longer
+    matches, and distill ends with one line naming the folder to remove (issue 25, case 4)."""
+    from typer.testing import CliRunner
+
+    from dfkd.cli import app
+
+    def run(out):
+        return CliRunner().invoke(app, ["distill", "--teacher", str(random_teacher), "--student", "resnet8", "--data",
+                                        str(pattern_folder), "--method", "kd", "--steps", "2", "--batch-size", "4",
+                                        "--device", "cpu", "--out", str(tmp_path / out)])
+
+    assert run("first").exit_code == 0
+    (entry,) = [p for p in on_disk.iterdir() if p.is_dir()]
+    row_bytes = SPEC.channels * SPEC.size[0] * SPEC.size[1]
+    with open(entry / "images.u8", "r+b") as f:
+        f.seek(5 * row_bytes + 7)
+        byte = f.read(1)
+        f.seek(5 * row_bytes + 7)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    result = run("second")
+    assert result.exit_code == 2, result.output
+    assert f"images.u8: row 5 is damaged" in result.output and str(entry) in result.output.replace("\n", "")
+    assert not (tmp_path / "second" / "student.yaml").exists()
+    data = decode_images(image_paths(pattern_folder), SPEC)  # another order of the rows: its own entry, sound
+    assert data.read(torch.arange(len(data))).shape[0] == len(data)

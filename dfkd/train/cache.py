@@ -3,6 +3,7 @@
 One entry, ``CACHE_DIR/<key>/``:
 
 * ``images.u8``: raw uint8 rows, N×C×H×W in the index's order (``numpy.memmap`` opens it);
+* ``digests.u8``: a BLAKE2b digest of each row (:data:`DIGEST` bytes), written with the row;
 * ``meta.json``, written last: the shape, the input spec, and the rows that failed to decode.
 
 The key hashes the input spec and the rows' identity (each file's path, size and mtime), so
@@ -16,9 +17,11 @@ leaves ``parts/<c>.json`` (its failures): a killed build resumes with the chunks
 missing. When every chunk is there, rank 0 writes ``meta.json`` and renames the file into
 place. Rank 0 holds ``<key>.lock`` meanwhile, so two jobs never build one entry together.
 
-**Reading.** Each requested row is read with ``os.preadv`` into the batch. The operating
-system's page cache, not the process, holds the file: a run's resident memory does not grow
-with the set (a memory map's touched pages would count as the process's own).
+**Reading.** Each requested row is read with ``os.preadv`` into the batch and checked against
+its digest: a damaged entry (bytes changed on disk, same size) is refused with one line naming
+the folder to remove, never trained on. The operating system's page cache, not the process,
+holds the file: a run's resident memory does not grow with the set (a memory map's touched
+pages would count as the process's own).
 """
 from __future__ import annotations
 
@@ -40,6 +43,11 @@ from ..io import write_json
 from ..runtime import loader
 
 CHUNK = 4096
+DIGEST = 8  # bytes of BLAKE2b per row
+
+
+def row_digest(row: np.ndarray) -> bytes:
+    return hashlib.blake2b(row, digest_size=DIGEST).digest()
 
 
 def default_cache_dir() -> Path:
@@ -51,7 +59,7 @@ def default_cache_dir() -> Path:
 
 def cache_key(paths: Sequence[str], spec: InputSpec) -> str:
     """SHA-256 over the input spec and every row's path, size and mtime (missing files included)."""
-    h = hashlib.sha256(json.dumps({"version": 1, "spec": spec.to_dict()}, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({"version": 2, "spec": spec.to_dict()}, sort_keys=True).encode())
     for p in paths:
         known = shards.identity(p)
         h.update(f"{p}\t{known[0]}\t{known[1]}\n".encode() if known else f"{p}\t-\n".encode())
@@ -61,8 +69,8 @@ def cache_key(paths: Sequence[str], spec: InputSpec) -> str:
 class DiskImages:
     """Rows of a finished cache entry (``rows`` selects and orders them); read by position."""
 
-    def __init__(self, file: Path, shape: tuple[int, int, int], rows: torch.Tensor):
-        self.file, self.row_shape, self.rows = file, tuple(shape), rows
+    def __init__(self, file: Path, shape: tuple[int, int, int], rows: torch.Tensor, digests: np.ndarray):
+        self.file, self.row_shape, self.rows, self.digests = file, tuple(shape), rows, digests
         self.row_bytes = int(np.prod(shape))
         self._fd: int | None = None
         self._pid = -1
@@ -75,16 +83,19 @@ class DiskImages:
         return len(self.rows)
 
     def subset(self, idx: torch.Tensor) -> "DiskImages":
-        return DiskImages(self.file, self.row_shape, self.rows[idx])
+        return DiskImages(self.file, self.row_shape, self.rows[idx], self.digests)
 
     def read(self, idx: torch.Tensor) -> torch.Tensor:
-        """uint8 len(idx)×C×H×W, read row by row from the file."""
+        """uint8 len(idx)×C×H×W, read row by row from the file, each checked against its digest."""
         if self._pid != os.getpid():  # a descriptor is not shared with a forked process
             self._fd, self._pid = os.open(self.file, os.O_RDONLY), os.getpid()
         out = np.empty((len(idx), self.row_bytes), dtype=np.uint8)
         for j, row in enumerate(self.rows[idx].tolist()):
             if os.preadv(self._fd, [out[j]], row * self.row_bytes) != self.row_bytes:
                 raise DfkdError(f"{self.file}: shorter than its meta.json says (cut off?); remove the folder")
+            if row_digest(out[j]) != self.digests[row].tobytes():
+                raise DfkdError(f"{self.file}: row {row} is damaged (its bytes changed since it was decoded);"
+                                f" remove {self.file.parent} to decode the set again")
         return torch.from_numpy(out).view(len(idx), *self.row_shape)
 
     def __del__(self) -> None:
@@ -122,7 +133,10 @@ def cached_images(paths: Sequence[str], spec: InputSpec, cache_dir: str | Path |
     size = file.stat().st_size if file.is_file() else None
     if size != want:
         raise DfkdError(f"{file}: holds {size} bytes, its meta.json says {want} (cut off?); remove {entry}")
-    images = DiskImages(file, shape, torch.arange(len(paths)))
+    digests = np.fromfile(entry / "digests.u8", dtype=np.uint8) if (entry / "digests.u8").is_file() else None
+    if digests is None or len(digests) != len(paths) * DIGEST:
+        raise DfkdError(f"{entry / 'digests.u8'}: missing or cut off; remove {entry}")
+    images = DiskImages(file, shape, torch.arange(len(paths)), digests.reshape(len(paths), DIGEST))
     return images, [(int(r), str(reason)) for r, reason in info["failed"]]
 
 
@@ -140,17 +154,19 @@ def _build(entry: Path, paths: Sequence[str], spec: InputSpec, shape: tuple[int,
            workers: int, ranks: Ranks, on_progress: Callable[[int, int], None] | None) -> None:
     row_bytes = int(np.prod(shape))
     partial, parts = entry / "images.u8.partial", entry / "parts"
+    digests = entry / "digests.u8.partial"
     if ranks.main:
         parts.mkdir(parents=True, exist_ok=True)
-        if (entry / "images.u8").is_file():  # killed between the rename and meta.json
-            os.replace(entry / "images.u8", partial)
-        with open(partial, "ab") as f:  # kept from a killed build: its finished chunks stay valid
-            f.truncate(len(paths) * row_bytes)
+        for name, part, size in (("images.u8", partial, row_bytes), ("digests.u8", digests, DIGEST)):
+            if (entry / name).is_file():  # killed between the renames and meta.json
+                os.replace(entry / name, part)
+            with open(part, "ab") as f:  # kept from a killed build: its finished chunks stay valid
+                f.truncate(len(paths) * size)
     ranks.all_gather(None)
     chunks = range(0, (len(paths) + CHUNK - 1) // CHUNK)
     error = None
     try:
-        fd = os.open(partial, os.O_WRONLY)
+        fd, dfd = os.open(partial, os.O_WRONLY), os.open(digests, os.O_WRONLY)
         try:
             done = 0
             for c in chunks[ranks.rank::ranks.world]:
@@ -162,14 +178,17 @@ def _build(entry: Path, paths: Sequence[str], spec: InputSpec, shape: tuple[int,
                         data = np.ascontiguousarray(x.numpy())
                         for j, p in enumerate(pos.tolist()):
                             os.pwrite(fd, data[j].tobytes(), (start + p) * row_bytes)
+                            os.pwrite(dfd, row_digest(data[j]), (start + p) * DIGEST)
                         failed += [(start + p, err) for p, err in zip(pos.tolist(), errors) if err]
                     os.fsync(fd)
+                    os.fsync(dfd)
                     write_json(parts / f"{c}.json", failed)
                 done += stop - start
                 if on_progress:
                     on_progress(min(len(paths), done * ranks.world), len(paths))
         finally:
             os.close(fd)
+            os.close(dfd)
     except OSError as e:
         error = f"--cache-dir {entry.parent}: cannot write the decoded images ({e.strerror})"
     ranks.agree(error)
@@ -184,6 +203,7 @@ def _build(entry: Path, paths: Sequence[str], spec: InputSpec, shape: tuple[int,
                 break
         if error is None:
             os.replace(partial, entry / "images.u8")
+            os.replace(digests, entry / "digests.u8")
             write_json(entry / "meta.json", {"rows": len(paths), "shape": list(shape), "spec": spec.to_dict(),
                                              "failed": failed})
             for c in chunks:
