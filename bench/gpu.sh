@@ -2,15 +2,16 @@
 # The GPU checks of issue 11 in one call, for a session that is lent a GPU machine (about 6
 # minutes on one H200 after the start): the CUDA tests (`pytest -m gpu`), select on a JPEG pool
 # at 224 px with JPEGs decoded on the GPU against decoded by PIL in the workers (img/s and the
-# ratio to the teacher's bare forward on pre-decoded tensors; issue 11's goal: >= 0.8), and
-# distill's training step against a bare loop. Each part runs even when one before it fails;
+# ratio to the teacher's bare forward on pre-decoded tensors; issue 11's goal: >= 0.8), select
+# at 224 px as whole processes against the raw forward and a torchvision DataLoader loop
+# (bench/resolution.py, issue 21), and distill's training step against a bare loop. Each part runs even when one before it fails;
 # everything is printed and kept in $OUT/gpu.log (runs/gpu/gpu.log without $OUT).
 #
 # On the lent machine (Python 3.12, torch and the rest already there, faiss missing), from here:
 #   echo /.whl/ >> .git/info/exclude   # once; then the faiss-cpu wheel for cp312:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 -d .whl faiss-cpu==1.15.1
-#   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=540)   # the parts: at most 150+240+90 s
+#   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=570)   # the parts: at most 150+180+150+60 s
 # DEVICE=cpu NUM=128 bash bench/gpu.sh tries the script's own plumbing here, on the CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,10 +49,13 @@ for m in ("yaml", "PIL", "numpy", "faiss", "sklearn", "timm", "pytest", "webdata
 PY
 
 part "pytest -m gpu" 150 $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests
-part "select: GPU against CPU JPEG decoding, resnet50 at 224" 240 \
+part "select: GPU against CPU JPEG decoding, resnet50 at 224" 180 \
   $PY bench/select_throughput.py --device "$DEVICE" --arch torchvision:resnet50 --input 3x224x224 --classes 1000 \
-    --jpeg 500x375 --num "${NUM:-8192}" --batch-size 256 --workers 8,15 --repeats 2 --budget 90
-part "distill: training steps against a bare loop" 90 $PY bench/distill_throughput.py --device "$DEVICE"
+    --jpeg 500x375 --num "${NUM:-8192}" --batch-size 256 --workers 8,15 --repeats 1 --budget 60
+part "select at 224 px as whole processes: raw forward, DataLoader loop, dfkd select (issue 21)" 150 \
+  $PY bench/resolution.py --arch torchvision:resnet50 --sizes 224 --num "${NUM:-4096}" --large 64 \
+    --batch-size 256 --workers 8 --repeats 1
+part "distill: training steps against a bare loop" 60 $PY bench/distill_throughput.py --device "$DEVICE"
 echo
 echo "===== ratios ====="
 grep '^RATIO' "$out/gpu.log" | sed 's/^RATIO /  /'

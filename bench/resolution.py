@@ -5,10 +5,12 @@ For each input size (``--sizes``, default 224 and 112) three kinds of process ru
 JPEG pool, one after another, ``--repeats`` times interleaved:
 
 * **raw**: loads the teacher and forwards the pool's images, already decoded and resized into a
-  uint8 tensor file, in batches (normalised on the device, ``inference_mode``, channels_last);
+  uint8 tensor file, in batches (normalised on the device, ``inference_mode``, channels_last,
+  bf16 autocast on CUDA as select);
 * **loader**: the official DFND script's way: ``torchvision.datasets.ImageFolder`` with
   ``Resize(S)``, ``CenterCrop(S)``, ``ToTensor()``, ``Normalize``, a ``DataLoader`` with the
-  same batch and workers, ``torch.no_grad`` and the noise value of every image;
+  same batch and workers, ``torch.no_grad`` and the noise value of every image (fp32, as the
+  script);
 * **select**: ``dfkd select --teacher CARD --pool POOL --num-images N/10`` (listing, decoding,
   scoring, the second look at the candidates, the files).
 
@@ -70,17 +72,17 @@ def parse(argv=None) -> argparse.Namespace:
 
 def child_raw(args) -> None:
     from dfkd.cards import load_card, load_model
-    from dfkd.runtime import resolve_device
+    from dfkd.runtime import autocast, resolve_device
 
     card, dev = load_card(args.card), resolve_device("auto")
     model = load_model(card, dev).to(memory_format=torch.channels_last)
     images = torch.load(args.tensor)
     mean = torch.tensor(card.input.mean, device=dev).view(1, -1, 1, 1)
     std = torch.tensor(card.input.std, device=dev).view(1, -1, 1, 1)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(dev, dev.type == "cuda"):  # as select: bf16 autocast on CUDA
         for i in range(0, len(images), args.batch_size):
-            x = (images[i:i + args.batch_size].to(dev).float().div_(255) - mean) / std
-            torch.softmax(model(x.contiguous(memory_format=torch.channels_last)), 1).max(1)
+            x = (images[i:i + args.batch_size].to(dev, non_blocking=True).float().div_(255) - mean) / std
+            torch.softmax(model(x.contiguous(memory_format=torch.channels_last)).float(), 1).max(1).values.cpu()
 
 
 def child_loader(args) -> None:

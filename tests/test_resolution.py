@@ -4,6 +4,7 @@ of memory ends with one line naming the flag."""
 from __future__ import annotations
 
 import os
+import shutil
 import resource
 import subprocess
 import sys
@@ -174,3 +175,32 @@ def test_select_out_of_memory_ends_with_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert lines[-1].startswith("dfkd select: error: out of memory") and "--batch-size" in lines[-1], lines
+
+
+def test_select_decodes_each_pool_image_once(tmp_path, pattern_folder, random_teacher, monkeypatch):
+    """Dropping duplicates needs the candidates' thumbnails: they come with the scores (from the
+    batch the teacher was given), so the candidates are not decoded a second time; the result is
+    the one a second decode gives (rows written before 0.3, without thumbnails, take that path)."""
+    import dfkd.engine
+    from dfkd.cards import load_card
+    shutil.copy(pattern_folder / "blob" / "000.png", pattern_folder / "blob" / "copy.png")
+    decoded = []
+    real = dfkd.engine.image_tensor
+    monkeypatch.setattr(dfkd.engine, "image_tensor", lambda path, spec: decoded.append(path) or real(path, spec))
+    card = load_card(random_teacher)
+    res = select_pool(card, pattern_folder, tmp_path / "new", num=4, batch_size=BATCH, workers=0, device="cpu")
+    assert sorted(decoded) == sorted(str(p) for p in pattern_folder.rglob("*.png"))  # once each
+    assert res.duplicates >= 1
+    rows = tmp_path / "new" / ".scoring" / "rows.tsv"
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "new", old)
+    (old / ".scoring" / "rows.tsv").write_text("".join("\t".join(line.split("\t")[:4]) + "\n"
+                                                       for line in rows.read_text().splitlines()))
+    for f in ("selected.tsv", "duplicates.tsv", "manifest.json"):
+        (old / f).unlink()
+    decoded.clear()
+    again = select_pool(card, pattern_folder, old, num=4, batch_size=BATCH, workers=0, device="cpu")
+    assert decoded, "rows without thumbnails: the candidates are decoded again"
+    assert again.duplicates == res.duplicates
+    for f in ("selected.tsv", "duplicates.tsv", "scores.tsv"):
+        assert (old / f).read_text() == (tmp_path / "new" / f).read_text()

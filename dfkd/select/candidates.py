@@ -18,6 +18,7 @@ and more, and distinct digits at most 0.980.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,6 +52,29 @@ def thumbnail(x: torch.Tensor) -> torch.Tensor:
     return t - t.mean(1, keepdim=True)
 
 
+def thumb_text(t: torch.Tensor) -> str:
+    """One row's thumbnail as text for a row file (base64 of its float32 bytes, exact)."""
+    return base64.b64encode(t.numpy().astype("<f4").tobytes()).decode("ascii")
+
+
+def thumb_array(texts: Sequence[str]) -> np.ndarray:
+    """N×THUMB² float32 of :func:`thumb_text` strings."""
+    return np.stack([np.frombuffer(base64.b64decode(t), dtype="<f4") for t in texts]).astype(np.float32)
+
+
+def digests_of(paths: Sequence[str]) -> tuple[list[bytes], list[str]]:
+    """BLAKE2b digests of the files' bytes, and "" or why a file could not be read."""
+    digests, errors = [], []
+    for p in paths:
+        try:
+            digests.append(hashlib.blake2b(shards.read_bytes(p), digest_size=16).digest())
+            errors.append("")
+        except OSError as e:
+            digests.append(b"")
+            errors.append(f"not readable when selecting ({e.strerror or e})")
+    return digests, errors
+
+
 @dataclass
 class Look:
     digests: list[bytes]
@@ -65,14 +89,7 @@ def look_again(model: nn.Module, spec: InputSpec, paths: Sequence[str], rt: Runt
     """Content digests (BLAKE2b of the bytes) and thumbnails of ``paths``, decoded as ``spec``
     says; with ``features_of`` (a model, not TorchScript), also the input of its last linear
     layer (``what`` names it in errors). ``model`` runs only for the features."""
-    digests, errors = [], []
-    for p in paths:
-        try:
-            digests.append(hashlib.blake2b(shards.read_bytes(p), digest_size=16).digest())
-            errors.append("")
-        except OSError as e:
-            digests.append(b"")
-            errors.append(f"not readable when selecting ({e.strerror or e})")
+    digests, errors = digests_of(paths)
     tap = FeatureTap(features_of, what) if features_of is not None else None
 
     def forward(m, x):

@@ -4,7 +4,9 @@ The pool is listed to ``OUT/.scoring/pool.tsv`` and scored by the engine into
 ``OUT/.scoring/rows.tsv`` (flushed every step), so a run that is interrupted and started again
 with the same inputs continues where it stopped and ends with the same files. Selection then
 reads the rows back in one streaming pass, keeping only the rows the policy could still
-choose: memory is O(selected + batch), not O(pool). ``shard=(i, n)`` scores the i-th of n
+choose: memory is O(selected + batch), not O(pool). Each scored row also keeps its image's
+near-duplicate thumbnail (computed from the batch the teacher was given), so dropping
+duplicates later needs only the candidates' bytes, not a second decode. ``shard=(i, n)`` scores the i-th of n
 slices of the pool (cluster jobs without torchrun); :func:`merge_shards` selects from the
 union of the slices, with the same result as one run.
 """
@@ -24,15 +26,28 @@ from ..errors import DfkdError
 from ..index import open_index, write_index
 from ..pool import Listing
 from ..rundir import RunDir, open_run, write_manifest
-from ..runtime import Runtime, setup
+from ..runtime import Runtime, resolve_device, setup
 from ..teacher import Teacher, load_teacher, teacher_inputs
-from .candidates import SLACK, Look, check_dedup, drop_duplicates, teacher_look
+from .candidates import (SLACK, THUMB, Look, check_dedup, digests_of, drop_duplicates, teacher_look, thumb_array,
+                         thumb_text, thumbnail)
 from .dedup import NEAR_DUPLICATE_COSINE
 from .policies import POLICIES, StreamingChoice
 from .scores import SCORERS
 
-ROW_TYPES = (int, float, float, str)  # label, score, confidence, reason ("" = scored)
-Reader = Callable[[list[str], bool], Look]  # candidate paths, want features -> digests, thumbnails, features
+# label, score, confidence, reason ("" = scored), thumbnail (candidates.thumb_text; "" when not scored;
+# absent in rows written before 0.3)
+ROW_TYPES = (int, float, float, str, str)
+THUMB_KEY = "\tthumb"  # a scored row's thumbnail text, under a key no index column can have (a tab)
+
+
+@dataclass
+class Reader:
+    """How the candidates are read again: ``read(paths, features)`` decodes them (digests,
+    thumbnails, and the teacher's features when asked); ``device`` is where the duplicates are
+    searched (faiss's GPU index on CUDA)."""
+
+    read: Callable[[list[str], bool], Look]
+    device: str
 
 
 @dataclass
@@ -93,16 +108,23 @@ class Budget:
 def _score_rows(teacher: Teacher, score: str, seed: int):
     scorer, k = SCORERS.get(score), teacher.card.num_classes
 
-    def rows(logits: torch.Tensor, labels, paths: list[str], errors: list[str]) -> list[tuple]:
+    def rows(out: torch.Tensor, labels, paths: list[str], errors: list[str]) -> list[tuple]:
+        logits, thumbs = out[:, :-THUMB * THUMB], out[:, -THUMB * THUMB:]
         if logits.shape[1] != k:
             raise DfkdError(f"{teacher.card.path}: model outputs {logits.shape[1]} classes, card says {k}")
         conf, label = torch.softmax(logits, 1).max(1)
         values = scorer(logits, paths, seed)
         finite = torch.isfinite(logits).all(1)
-        return [(-1, float("nan"), float("nan"), e or "teacher output is not finite (NaN/inf)")
-                if e or not ok else (y, v, c, "")
-                for y, v, c, ok, e in zip(label.tolist(), values.tolist(), conf.tolist(), finite.tolist(), errors)]
+        return [(-1, float("nan"), float("nan"), e or "teacher output is not finite (NaN/inf)", "")
+                if e or not ok else (y, v, c, "", thumb_text(t))
+                for y, v, c, ok, e, t in zip(label.tolist(), values.tolist(), conf.tolist(), finite.tolist(), errors,
+                                             thumbs)]
     return rows
+
+
+def _logits_and_thumbnails(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits and, in the last THUMB² columns, the images' thumbnails."""
+    return torch.cat([model(x).float(), thumbnail(x)], 1)
 
 
 def score_pool(teacher: Teacher, pool: str | Path, run: RunDir, rt: Runtime, *, score: str, seed: int,
@@ -112,7 +134,7 @@ def score_pool(teacher: Teacher, pool: str | Path, run: RunDir, rt: Runtime, *, 
     identity = {"teacher": teacher.identity(), "score": score, "seed": seed if score == "random" else None}
     return score_run(run, rt, pool, "--pool", identity, teacher.model, teacher.card.input,
                      _score_rows(teacher, score, seed), ROW_TYPES, batch_size=batch_size, shard=shard,
-                     overwrite=overwrite, on_progress=on_progress,
+                     overwrite=overwrite, on_progress=on_progress, forward=_logits_and_thumbnails,
                      info={"teachers": [str(c.path.resolve()) for c in teacher.cards]})
 
 
@@ -195,15 +217,17 @@ def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path, *, num: int 
         run.claim({"merge": [m["identity"] for m, _ in shards]}, overwrite)
         options = dict(**budget.options(), merged=[str(d) for _, d in shards])
 
-        def reader(paths: list[str], features: bool) -> Look:  # the teacher is loaded only if it is needed
+        def read(paths: list[str], features: bool) -> Look:  # the teacher is loaded only if it is needed
             rt = setup(device, amp, workers)
-            return _reader(load_teacher(cards, rt.device), rt, batch_size)(paths, features)
+            return _reader(load_teacher(cards, rt.device), rt, batch_size).read(paths, features)
 
-        return finish(segments, card, Path(out), budget, options, teacher_inputs(cards), reader)
+        return finish(segments, card, Path(out), budget, options, teacher_inputs(cards),
+                      Reader(read, str(resolve_device(device))))
 
 
 def _reader(teacher: Teacher, rt: Runtime, batch_size: int) -> Reader:
-    return lambda paths, features: teacher_look(teacher, paths, rt, features=features, batch_size=batch_size)
+    return Reader(lambda paths, features: teacher_look(teacher, paths, rt, features=features, batch_size=batch_size),
+                  str(rt.device))
 
 
 def _is_shard(d: Path) -> bool:
@@ -235,11 +259,11 @@ def finish(segments: list[Segment], card: ModelCard, out: Path, budget: Budget |
 
     def scored() -> Iterator[dict]:
         for s in segments:
-            for row, (label, value, conf, reason) in s:
+            for row, (label, value, conf, reason, *thumb) in s:
                 if reason:
                     skipped.append({"path": row["path"], "reason": reason})
                     continue
-                row = {**row, "label": label, "score": value, "confidence": conf}
+                row = {**row, "label": label, "score": value, "confidence": conf, THUMB_KEY: thumb[0] if thumb else ""}
                 yield row
                 if max_score is None or value <= max_score:
                     choice.push(value, label, row)
@@ -273,7 +297,12 @@ def _second_look(choice: StreamingChoice, budget: Budget, needs_features: bool, 
     """Read the candidates again: (rows kept, their features or None, how many were duplicates);
     the duplicates go to duplicates.tsv (``files["duplicates"]``), unreadable rows to ``skipped``."""
     rows = choice.candidates()
-    look = reader([r["path"] for r in rows], needs_features)
+    paths = [r["path"] for r in rows]
+    if needs_features or not all(r[THUMB_KEY] for r in rows):
+        look = reader.read(paths, needs_features)
+    else:  # the thumbnails came with the scores: only the bytes are read again, for their digests
+        digests, errors = digests_of(paths)
+        look = Look(digests, thumb_array([r[THUMB_KEY] for r in rows]), None, errors, reader.device)
     if needs_features and look.features is None:
         raise DfkdError(f"--policy {budget.policy}: needs the teacher's features, and a TorchScript teacher"
                         " has none to read; use a model card with 'arch'")
