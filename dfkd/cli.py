@@ -120,6 +120,18 @@ def _card(path: Path, size: int | None = None, channels: int | None = None, mean
         raise DfkdError(f"{flag} {e}") from None
 
 
+def _input_row(record: dict) -> tuple[str, str]:
+    """The table row of the input a command feeds: a manifest's ``input`` (dfkd.cards.input_record)."""
+    from .images import InputSpec
+
+    spec = InputSpec(**{k: v for k, v in record.items() if k != "source"})
+    return "input", f"{spec.describe()} (from {record['source']})"
+
+
+def _manifest_input(out: Path) -> tuple[str, str]:
+    return _input_row(json.loads((out / "manifest.json").read_text(encoding="utf-8"))["input"])
+
+
 def _shard(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -187,6 +199,7 @@ def select(
         return
     err.print(table("select", ["", "images"], [("pool", result.pool_size), ("skipped", result.skipped),
                                               ("scored", result.scored), ("selected", result.selected)]))
+    err.print("teacher %s: %s" % _manifest_input(out))
     if "selected" in result.files:
         err.print(table("selected per teacher class", ["class", "count"],
                         [(result.classes[c], n) for c, n in enumerate(result.class_counts)]))
@@ -243,7 +256,7 @@ def train(
         return
     rows = [("steps", result.steps), ("validation top-1 (last)", result.val_top1),
             ("validation top-1 (best)", result.best["val_top1"] if result.best else None),
-            ("skipped images", result.skipped)]
+            ("skipped images", result.skipped), _manifest_input(out)]
     if result.resumed_from:
         rows.insert(0, ("resumed from step", result.resumed_from))
     err.print(table("train", ["", "value"], rows))
@@ -323,7 +336,10 @@ def distill(
         method=method, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, seed=seed,
         **{"objective.temperature": temperature}))
     cards = [_card(t, input_size, input_channels, input_mean, input_std) for t in teacher]
-    with _training_progress(table("config", ["key", "value"], cfg.items())) as on_event:
+    from .cards import input_record
+
+    rows = [*cfg.items(), _input_row(input_record(cards[0]))]
+    with _training_progress(table("config", ["key", "value"], rows)) as on_event:
         result = run_distill(cards, student, data, out, cfg, eval_data=eval_data, workers=workers,
                              device=device, overwrite=overwrite, tensorboard=tensorboard, cache_dir=cache_dir,
                              on_event=on_event)
@@ -380,7 +396,10 @@ def pu_train(
         **{"nnpu.prior": prior, "nnpu.beta": beta, "nnpu.gamma": gamma, "model.backbone": backbone,
            "model.taps": taps, "model.reduction": reduction}))
     card = _card(teacher)
-    with _training_progress(table("config", ["key", "value"], cfg.items())) as on_event:
+    from .cards import input_record
+
+    rows = [*cfg.items(), _input_row(input_record(card))]
+    with _training_progress(table("config", ["key", "value"], rows)) as on_event:
         r = run_pu(card, positive, unlabeled, out, cfg, workers=workers, device=device, overwrite=overwrite,
                    tensorboard=tensorboard, cache_dir=cache_dir, on_event=on_event)
     if r is None:  # a rank other than 0
@@ -428,6 +447,7 @@ def expand(
                                               ("positives", r.positives)]))
     if r.class_counts is not None:
         err.print(table("selected per teacher class", ["class", "count"], zip(r.classes, r.class_counts)))
+    err.print("PU classifier %s: %s" % _manifest_input(out))
     _left_out(r.duplicates, r.files)
     emit(r.files["expanded"])
 
@@ -445,11 +465,14 @@ def export(
     out: Path = typer.Option(..., help="File to write."),
 ) -> None:
     """Export a model to TorchScript or ONNX and check the outputs match the original."""
+    from .cards import input_record
     from .export import export_model
 
-    result = export_model(_card(model, flag="--model"), format, out)
+    card = _card(model, flag="--model")
+    result = export_model(card, format, out)
     err.print(table("export", ["", "value"], [("format", result.format), ("samples compared", result.samples),
-                                             ("max |difference| of logits", result.max_abs_diff)]))
+                                             ("max |difference| of logits", result.max_abs_diff),
+                                             _input_row(input_record(card))]))
     emit(result.path)
 
 
@@ -507,7 +530,8 @@ def eval_(
     if len(names) <= 20:
         err.print(table("confusion (rows: true, columns: predicted)", ["", *[str(i) for i in range(len(names))]],
                         [(f"{i} {names[i]}", *row) for i, row in enumerate(result.confusion)]))
-    summary = [("images", result.num_images), ("skipped", len(result.skipped)), ("top-1", result.top1)]
+    summary = [("images", result.num_images), ("skipped", len(result.skipped)), ("top-1", result.top1),
+               _input_row(result.input)]
     if result.top5 is not None:
         summary.append(("top-5", result.top5))
     err.print(table(f"eval {model.name}", ["", "value"], summary))
