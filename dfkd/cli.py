@@ -574,5 +574,45 @@ def _registries() -> dict:
             "extractors": EXTRACTORS}
 
 
+def _click_errors():
+    """The module of click's exceptions that typer raises: its own copy of click since typer
+    0.2x, click itself before."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
 def main() -> None:
-    app()
+    """The console script. A usage error (an unknown or misspelt flag, a missing or bad value)
+    ends as every other error does: one line, exit 2, with the flag meant when one fits; ``-h``
+    is ``--help``."""
+    import sys
+
+    errors = _click_errors()
+    try:
+        code = app(prog_name="dfkd", standalone_mode=False, help_option_names=["-h", "--help"])
+    except errors.NoArgsIsHelpError as e:  # bare `dfkd`: the help and exit 2, as before
+        e.show()
+        code = e.exit_code
+    except errors.UsageError as e:
+        where = e.ctx.command_path if e.ctx else "dfkd"
+        err.print(f"[bold red]{where}: error:[/] {_usage_line(e, errors)}", soft_wrap=True)
+        code = 2
+    except typer.Abort:
+        code = 130
+    sys.exit(code or 0)
+
+
+def _usage_line(e, errors) -> str:
+    """click's message in one line; for an unknown flag, the flags it may stand for: those it
+    begins (``--num``: ``--num-images``), else the close spellings."""
+    import difflib
+
+    if not isinstance(e, errors.NoSuchOption) or e.ctx is None:
+        return " ".join(e.format_message().split())
+    flags = sorted({o for p in e.ctx.command.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")})
+    meant = [f for f in flags if f.startswith(e.option_name)] or difflib.get_close_matches(e.option_name, flags, 3, 0.7)
+    hint = f"did you mean {' or '.join(meant[:3])}?" if meant else f"see {e.ctx.command_path} --help"
+    return f"no such option {e.option_name}; {hint}"
