@@ -6,6 +6,10 @@ Keys: ``arch`` (registry name, ``torchvision:<name>``, ``timm:<name>`` or
 relative to the card) or ``torchscript`` (file), ``input`` (see :class:`InputSpec`), and
 optionally ``classes``, ``accuracy``, ``class_accuracy``. A TorchScript file alone is
 accepted wherever a card is, with its input described by flags.
+
+How a model is fed is never assumed: ``input`` must give size, mean and std (flags may give or
+override them); a card without them is refused with a line to copy. Every field is checked for
+type and range when the card is read, before anything is built.
 """
 from __future__ import annotations
 
@@ -100,8 +104,11 @@ def load_card(path: str | Path, input_overrides: dict | None = None) -> ModelCar
     arch_args = data.get("arch_args") or {}
     if not isinstance(arch_args, dict) or not all(isinstance(k, str) for k in arch_args):
         raise DfkdError(f"{path}: arch_args: {shown(arch_args)} is not a mapping of keyword arguments")
-    card = ModelCard(path=path, num_classes=num_classes, input=InputSpec(), arch=arch, arch_args=dict(arch_args),
-                     classes=_classes(path, data.get("classes"), num_classes),
+    if arch and not data.get("torchscript"):
+        arch_builder(arch, path)  # unknown (or untrusted) arch fails here, before any work
+    spec, source = card_input(path, data.get("input"), input_overrides or {}, _input_example(arch, path))
+    card = ModelCard(path=path, num_classes=num_classes, input=spec, input_source=source, arch=arch,
+                     arch_args=dict(arch_args), classes=_classes(path, data.get("classes"), num_classes),
                      accuracy=_accuracy(path, "accuracy", data.get("accuracy")),
                      class_accuracy=_class_accuracy(path, data.get("class_accuracy"), num_classes),
                      extra={k: data[k] for k in ("kind", "notes", "pu") if k in data})
@@ -111,10 +118,6 @@ def load_card(path: str | Path, input_overrides: dict | None = None) -> ModelCar
         card.weights = _file(path, data["weights"], "weights")
     if data.get("torchscript"):
         card.torchscript = _file(path, data["torchscript"], "torchscript")
-    if card.arch and not card.torchscript:
-        arch_builder(card.arch, path)  # unknown arch fails here, before any work
-    card.input, card.input_source = card_input(path, data.get("input"), input_overrides or {},
-                                               _input_example(card.arch, path))
     return card
 
 
