@@ -122,9 +122,10 @@ def load_card(path: str | Path, input_overrides: dict | None = None) -> ModelCar
 
 
 def _num_classes(path: Path, value: Any) -> int:
+    if value is None:
+        raise DfkdError(f"{path}: num_classes: missing (the number of classes, e.g. num_classes: 10)")
     if not isinstance(value, int) or isinstance(value, bool):
-        raise DfkdError(f"{path}: num_classes: {'missing' if value is None else shown(value) + ' is'} not a whole"
-                        " number of classes (e.g. num_classes: 10)")
+        raise DfkdError(f"{path}: num_classes: {shown(value)} is not a whole number of classes")
     if not 2 <= value <= MAX_CLASSES:
         raise DfkdError(f"{path}: num_classes: {value} is out of range (2 to {MAX_CLASSES})")
     return value
@@ -263,7 +264,8 @@ def _timm(where: Path | str):
 
 
 def timm_input(arch: str, where: Path | str) -> dict:
-    """The input a timm model was made for (its default pretrained config): size, mean, std."""
+    """The input timm's pretrained weights for ``arch`` were made for (its default pretrained_cfg):
+    size, channels, mean, std; only ever offered as an example, since a card's weights are its own."""
     cfg = _timm(where).get_pretrained_cfg(arch.split(":", 1)[1])
     if cfg is None:
         return {}
