@@ -254,7 +254,8 @@ def test_a_timm_card_without_input_is_refused_with_timms_pretrained_config_as_th
     with pytest.raises(DfkdError, match=r"e\.g\. input: \{size: 224, mean: \[0\.485, 0\.456, 0\.406\], std: .*"
                                         r"resize: crop\} if they were trained as timm's pretrained resnet18"):
         load_card(card)
-    card = load_card(write_card(tmp_path / "tm64.yaml", arch="timm:resnet18", num_classes=4, input=RGB32 | {"size": 64}))
+    card = load_card(write_card(tmp_path / "tm64.yaml", arch="timm:resnet18", num_classes=4,
+                                input={**RGB32, "size": 64}))
     assert card.input.size == (64, 64) and card.input.mean == [0.5, 0.5, 0.5] and card.input_source == "card"
 
 
