@@ -7,9 +7,10 @@ PY     := $(VENV)/bin/python
 
 .PHONY: demo test bench bench-scale study debian-data clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# torch and torchvision at the exact versions of constraints.txt (setup.cfg declares a range)
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $@
 
 debian-data:

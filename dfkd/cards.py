@@ -6,6 +6,10 @@ Keys: ``arch`` (registry name, ``torchvision:<name>``, ``timm:<name>`` or
 relative to the card) or ``torchscript`` (file), ``input`` (see :class:`InputSpec`), and
 optionally ``classes``, ``accuracy``, ``class_accuracy``. A TorchScript file alone is
 accepted wherever a card is, with its input described by flags.
+
+How a model is fed is never assumed: ``input`` must give size, mean and std (flags may give or
+override them); a card without them is refused with a line to copy. Every field is checked for
+type and range when the card is read, before anything is built.
 """
 from __future__ import annotations
 
@@ -22,13 +26,16 @@ import yaml
 from torch import nn
 
 from .errors import DfkdError
-from .images import InputSpec
+from .images import InputSpec, shown
 from .io import atomic_write, write_text
 from .models import ARCHS
 
 TRUST_CODE = "DFKD_TRUST_CODE"  # "1": python:<module>:<callable> arches may be imported and called
 CARD_KEYS = {"arch", "arch_args", "num_classes", "weights", "torchscript", "input", "classes",
              "accuracy", "class_accuracy", "kind", "notes", "pu"}
+
+
+MAX_CLASSES = 100_000  # a larger num_classes is refused before a model is built (ImageNet-21k has 21,843)
 
 
 @dataclass
@@ -44,22 +51,35 @@ class ModelCard:
     accuracy: float | None = None
     class_accuracy: list[float] | None = None
     extra: dict = field(default_factory=dict)
+    input_source: str = "card"  # where ``input`` came from: card, flags, "card, flags for size", ...
 
     @property
     def class_names(self) -> list[str]:
         return self.classes or [str(i) for i in range(self.num_classes)]
 
 
+def input_record(card: ModelCard) -> dict:
+    """The input a command feeds, as its manifest records it: the spec and where it came from."""
+    return {**card.input.to_dict(), "source": card.input_source}
+
+
 def _file(card: Path, value: Any, key: str) -> Path:
-    p = Path(str(value))
+    if not isinstance(value, str):
+        raise DfkdError(f"{card}: {key}: {shown(value)} is not a file name")
+    p = Path(value)
     p = p if p.is_absolute() else card.parent / p
     if not p.is_file():
         raise DfkdError(f"{card}: {key} file {p} not found")
     return p
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def load_card(path: str | Path, input_overrides: dict | None = None) -> ModelCard:
-    """Read and check a card (or a bare TorchScript file); no weights are loaded yet."""
+    """Read and check a card (or a bare TorchScript file); no weights are loaded yet.
+    ``input_overrides``: input keys given by flags, over the card's ``input:``."""
     path = Path(path)
     if not path.is_file():
         raise DfkdError(f"{path}: model card not found")
@@ -73,24 +93,24 @@ def load_card(path: str | Path, input_overrides: dict | None = None) -> ModelCar
         raise DfkdError(f"{path}: a model card is a YAML mapping (arch, num_classes, weights, input)")
     unknown = set(data) - CARD_KEYS
     if unknown:
-        raise DfkdError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise DfkdError(f"{path}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
     if not data.get("arch") and not data.get("torchscript"):
         raise DfkdError(f"{path}: needs 'arch' (with optional 'weights') or 'torchscript'")
-    try:
-        num_classes = int(data["num_classes"])
-    except (KeyError, TypeError, ValueError):
-        raise DfkdError(f"{path}: 'num_classes' missing or not an integer") from None
-    spec = dict(data.get("input") or {})
-    if str(data.get("arch", "")).startswith("timm:"):  # timm's own input config fills what the card leaves out
-        base = timm_input(data["arch"], path)
-        if spec.get("channels", base.get("channels")) != base.get("channels"):
-            base = {k: v for k, v in base.items() if k not in ("mean", "std")}  # made for other channels
-        spec = {**base, **spec}
-    spec.update(input_overrides or {})
-    card = ModelCard(path=path, num_classes=num_classes, input=InputSpec.from_dict(spec, f"{path}: input"),
-                     arch=data.get("arch"), arch_args=dict(data.get("arch_args") or {}),
-                     classes=data.get("classes"), accuracy=data.get("accuracy"),
-                     class_accuracy=data.get("class_accuracy"),
+    arch = data.get("arch")
+    if arch is not None and not isinstance(arch, str):
+        raise DfkdError(f"{path}: arch: {shown(arch)} is not an architecture name (a registry name,"
+                        " torchvision:<name>, timm:<name> or python:<module>:<callable>)")
+    num_classes = _num_classes(path, data.get("num_classes"))
+    arch_args = data.get("arch_args") or {}
+    if not isinstance(arch_args, dict) or not all(isinstance(k, str) for k in arch_args):
+        raise DfkdError(f"{path}: arch_args: {shown(arch_args)} is not a mapping of keyword arguments")
+    if arch and not data.get("torchscript"):
+        arch_builder(arch, path)  # unknown (or untrusted) arch fails here, before any work
+    spec, source = card_input(path, data.get("input"), input_overrides or {}, _input_example(arch, path))
+    card = ModelCard(path=path, num_classes=num_classes, input=spec, input_source=source, arch=arch,
+                     arch_args=dict(arch_args), classes=_classes(path, data.get("classes"), num_classes),
+                     accuracy=_accuracy(path, "accuracy", data.get("accuracy")),
+                     class_accuracy=_class_accuracy(path, data.get("class_accuracy"), num_classes),
                      extra={k: data[k] for k in ("kind", "notes", "pu") if k in data})
     if isinstance(data.get("weights"), str) and data["weights"].lower() == "none":  # on purpose: untrained
         card.extra["untrained"] = True
@@ -98,13 +118,78 @@ def load_card(path: str | Path, input_overrides: dict | None = None) -> ModelCar
         card.weights = _file(path, data["weights"], "weights")
     if data.get("torchscript"):
         card.torchscript = _file(path, data["torchscript"], "torchscript")
-    if card.arch and not card.torchscript:
-        arch_builder(card.arch, path)  # unknown arch fails here, before any work
-    if card.classes is not None and len(card.classes) != num_classes:
-        raise DfkdError(f"{path}: lists {len(card.classes)} classes but num_classes is {num_classes}")
-    if card.class_accuracy is not None and len(card.class_accuracy) != num_classes:
-        raise DfkdError(f"{path}: class_accuracy has {len(card.class_accuracy)} values, expected {num_classes}")
     return card
+
+
+def _num_classes(path: Path, value: Any) -> int:
+    if value is None:
+        raise DfkdError(f"{path}: num_classes: missing (the number of classes, e.g. num_classes: 10)")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise DfkdError(f"{path}: num_classes: {shown(value)} is not a whole number of classes")
+    if not 2 <= value <= MAX_CLASSES:
+        raise DfkdError(f"{path}: num_classes: {value} is out of range (2 to {MAX_CLASSES})")
+    return value
+
+
+def _classes(path: Path, value: Any, num_classes: int) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+        raise DfkdError(f"{path}: classes: expected a list of class names, not {shown(value)}")
+    if len(value) != num_classes:
+        raise DfkdError(f"{path}: lists {len(value)} classes but num_classes is {num_classes}")
+    return [str(v) for v in value]
+
+
+def _accuracy(path: Path, key: str, value: Any) -> float | None:
+    if value is not None and not (_is_number(value) and 0 <= value <= 1):
+        raise DfkdError(f"{path}: {key}: {shown(value)} is not an accuracy from 0 to 1")
+    return None if value is None else float(value)
+
+
+def _class_accuracy(path: Path, value: Any, num_classes: int) -> list[float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise DfkdError(f"{path}: class_accuracy: expected a list of accuracies, not {shown(value)}")
+    if len(value) != num_classes:
+        raise DfkdError(f"{path}: class_accuracy has {len(value)} values, expected {num_classes}")
+    return [_accuracy(path, "class_accuracy", v) for v in value]
+
+
+def card_input(path: Path, declared: Any, overrides: dict, example: str) -> tuple[InputSpec, str]:
+    """How the card's model is fed, and where that came from: the card's ``input:`` with the
+    ``--input-*`` flags over it. Size, mean and std are never assumed; ``example``, a card line,
+    ends the message when they are missing."""
+    if declared is not None and not isinstance(declared, dict):
+        InputSpec.from_dict(declared, f"{path}: input")  # refuses it, naming what it is
+    declared = declared or {}
+    hint = f"write the input its weights were trained with into the card, e.g. {example}"
+    spec = InputSpec.from_dict({**declared, **overrides}, f"{path}: input", hint)
+    return spec, _source("card", declared, overrides)
+
+
+def _source(own: str, declared: dict, overrides: dict) -> str:
+    """``own`` (card, TorchScript file), ``flags``, or ``own, flags for KEYS``."""
+    if not overrides:
+        return own
+    if set(declared) <= set(overrides):
+        return "flags"
+    return f"{own}, flags for {', '.join(sorted(overrides))}"
+
+
+def _input_example(arch: str | None, where: Path) -> str:
+    """A card line to copy when ``input:`` is missing: timm's pretrained config for a timm arch
+    (stated as such, never assumed), an ImageNet recipe for torchvision, a CIFAR one otherwise."""
+    if arch and arch.startswith("timm:"):
+        cfg = timm_input(arch, where)
+        if cfg:
+            return (f"input: {{size: {cfg['size'][0]}, mean: {cfg['mean']}, std: {cfg['std']}, resize: crop}}"
+                    f" if they were trained as timm's pretrained {arch[5:]} (its pretrained_cfg)")
+    if arch and arch.startswith(("timm:", "torchvision:")):
+        return ("input: {size: 224, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225], resize: crop}"
+                " (the ImageNet recipe)")
+    return "input: {size: 32, mean: [0.4914, 0.4822, 0.4465], std: [0.247, 0.2435, 0.2616]} (CIFAR-10)"
 
 
 INPUT_FILE = "dfkd_input.json"  # the input description dfkd export writes into a TorchScript file
@@ -119,16 +204,14 @@ def _torchscript_card(path: Path, overrides: dict) -> ModelCard:
     except Exception:
         raise DfkdError(f"{path}: neither a YAML model card (.yaml) nor a TorchScript file") from None
     try:
-        spec = json.loads(carried[INPUT_FILE]) if carried[INPUT_FILE] else {}
+        declared = json.loads(carried[INPUT_FILE]) if carried[INPUT_FILE] else {}
     except ValueError:
-        spec = {}
-    spec.update(overrides)
-    unknown = [k for k in ("size", "channels", "mean", "std") if k not in spec]
-    if unknown:
-        raise DfkdError(f"{path}: a bare TorchScript file does not say its input's "
-                        + ", ".join(unknown) + ": give --input-size, --input-channels, --input-mean and"
-                        " --input-std (e.g. --input-mean 0.485,0.456,0.406), or write a model card")
-    spec = InputSpec.from_dict(spec, f"{path}: input flags")
+        declared = {}
+    declared = declared if isinstance(declared, dict) else {}
+    spec = InputSpec.from_dict({**declared, **overrides}, f"{path}: input",
+                               "a bare TorchScript file does not say its input (files from dfkd export do): give"
+                               " --input-size, --input-mean and --input-std (e.g. --input-mean 0.485,0.456,0.406),"
+                               " or write a model card")
     try:
         with torch.inference_mode():
             out = module(torch.zeros(1, spec.channels, *spec.size))
@@ -136,7 +219,8 @@ def _torchscript_card(path: Path, overrides: dict) -> ModelCard:
         raise DfkdError(f"{path}: the TorchScript model does not take a 1x{spec.channels}x{spec.size[0]}x"
                         f"{spec.size[1]} input ({str(e).strip().splitlines()[-1][:160]}); give its input with"
                         " --input-size and --input-channels") from None
-    return ModelCard(path=path, num_classes=int(out.shape[-1]), input=spec, torchscript=path)
+    return ModelCard(path=path, num_classes=int(out.shape[-1]), input=spec, torchscript=path,
+                     input_source=_source("TorchScript file", declared, overrides))
 
 
 def arch_builder(arch: str, where: Path | str = "--arch"):
@@ -180,7 +264,8 @@ def _timm(where: Path | str):
 
 
 def timm_input(arch: str, where: Path | str) -> dict:
-    """The input a timm model was made for (its default pretrained config): size, mean, std."""
+    """The input timm's pretrained weights for ``arch`` were made for (its default pretrained_cfg):
+    size, channels, mean, std; only ever offered as an example, since a card's weights are its own."""
     cfg = _timm(where).get_pretrained_cfg(arch.split(":", 1)[1])
     if cfg is None:
         return {}
@@ -207,7 +292,15 @@ def adapt_stem(model: nn.Module, in_channels: int, where: Path | str) -> nn.Modu
 def build_arch(arch: str, num_classes: int, in_channels: int, arch_args: dict | None = None,
                where: Path | str = "--arch") -> nn.Module:
     builder = arch_builder(arch, where)
-    return builder(num_classes=num_classes, in_channels=in_channels, **dict(arch_args or {}))
+    try:
+        model = builder(num_classes=num_classes, in_channels=in_channels, **dict(arch_args or {}))
+    except TypeError as e:  # an argument the builder does not take (arch_args: {bogus: 1})
+        given = ", ".join(["num_classes", "in_channels", *(arch_args or {})])
+        raise DfkdError(f"{where}: arch {arch} cannot be built with {given} (check arch_args):"
+                        f" {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(model, nn.Module):
+        raise DfkdError(f"{where}: arch {arch} returned {shown(model)}, not a torch.nn.Module")
+    return model
 
 
 def read_state_dict(path: Path) -> dict:

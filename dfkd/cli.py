@@ -125,6 +125,18 @@ def _card(path: Path, size: int | None = None, channels: int | None = None, mean
         raise DfkdError(f"{flag} {e}") from None
 
 
+def _input_row(record: dict) -> tuple[str, str]:
+    """The table row of the input a command feeds: a manifest's ``input`` (dfkd.cards.input_record)."""
+    from .images import InputSpec
+
+    spec = InputSpec(**{k: v for k, v in record.items() if k != "source"})
+    return "input", f"{spec.describe()} (from {record['source']})"
+
+
+def _manifest_input(out: Path) -> tuple[str, str]:
+    return _input_row(json.loads((out / "manifest.json").read_text(encoding="utf-8"))["input"])
+
+
 def _shard(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -192,6 +204,7 @@ def select(
         return
     err.print(table("select", ["", "images"], [("pool", result.pool_size), ("skipped", result.skipped),
                                               ("scored", result.scored), ("selected", result.selected)]))
+    err.print("teacher %s: %s" % _manifest_input(out))
     if "selected" in result.files:
         err.print(table("selected per teacher class", ["class", "count"],
                         [(result.classes[c], n) for c, n in enumerate(result.class_counts)]))
@@ -248,7 +261,7 @@ def train(
         return
     rows = [("steps", result.steps), ("validation top-1 (last)", result.val_top1),
             ("validation top-1 (best)", result.best["val_top1"] if result.best else None),
-            ("skipped images", result.skipped)]
+            ("skipped images", result.skipped), _manifest_input(out)]
     if result.resumed_from:
         rows.insert(0, ("resumed from step", result.resumed_from))
     err.print(table("train", ["", "value"], rows))
@@ -328,7 +341,10 @@ def distill(
         method=method, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, seed=seed,
         **{"objective.temperature": temperature}))
     cards = [_card(t, input_size, input_channels, input_mean, input_std) for t in teacher]
-    with _training_progress(table("config", ["key", "value"], cfg.items())) as on_event:
+    from .cards import input_record
+
+    rows = [*cfg.items(), _input_row(input_record(cards[0]))]
+    with _training_progress(table("config", ["key", "value"], rows)) as on_event:
         result = run_distill(cards, student, data, out, cfg, eval_data=eval_data, workers=workers,
                              device=device, overwrite=overwrite, tensorboard=tensorboard, cache_dir=cache_dir,
                              on_event=on_event)
@@ -385,7 +401,10 @@ def pu_train(
         **{"nnpu.prior": prior, "nnpu.beta": beta, "nnpu.gamma": gamma, "model.backbone": backbone,
            "model.taps": taps, "model.reduction": reduction}))
     card = _card(teacher)
-    with _training_progress(table("config", ["key", "value"], cfg.items())) as on_event:
+    from .cards import input_record
+
+    rows = [*cfg.items(), _input_row(input_record(card))]
+    with _training_progress(table("config", ["key", "value"], rows)) as on_event:
         r = run_pu(card, positive, unlabeled, out, cfg, workers=workers, device=device, overwrite=overwrite,
                    tensorboard=tensorboard, cache_dir=cache_dir, on_event=on_event)
     if r is None:  # a rank other than 0
@@ -433,6 +452,7 @@ def expand(
                                               ("positives", r.positives)]))
     if r.class_counts is not None:
         err.print(table("selected per teacher class", ["class", "count"], zip(r.classes, r.class_counts)))
+    err.print("PU classifier %s: %s" % _manifest_input(out))
     _left_out(r.duplicates, r.files)
     emit(r.files["expanded"])
 
@@ -450,11 +470,14 @@ def export(
     out: Path = typer.Option(..., help="File to write."),
 ) -> None:
     """Export a model to TorchScript or ONNX and check the outputs match the original."""
+    from .cards import input_record
     from .export import export_model
 
-    result = export_model(_card(model, flag="--model"), format, out)
+    card = _card(model, flag="--model")
+    result = export_model(card, format, out)
     err.print(table("export", ["", "value"], [("format", result.format), ("samples compared", result.samples),
-                                             ("max |difference| of logits", result.max_abs_diff)]))
+                                             ("max |difference| of logits", result.max_abs_diff),
+                                             _input_row(input_record(card))]))
     emit(result.path)
 
 
@@ -512,7 +535,8 @@ def eval_(
     if len(names) <= 20:
         err.print(table("confusion (rows: true, columns: predicted)", ["", *[str(i) for i in range(len(names))]],
                         [(f"{i} {names[i]}", *row) for i, row in enumerate(result.confusion)]))
-    summary = [("images", result.num_images), ("skipped", len(result.skipped)), ("top-1", result.top1)]
+    summary = [("images", result.num_images), ("skipped", len(result.skipped)), ("top-1", result.top1),
+               _input_row(result.input)]
     if result.top5 is not None:
         summary.append(("top-5", result.top5))
     err.print(table(f"eval {model.name}", ["", "value"], summary))
@@ -555,5 +579,45 @@ def _registries() -> dict:
             "extractors": EXTRACTORS}
 
 
+def _click_errors():
+    """The module of click's exceptions that typer raises: its own copy of click since typer
+    0.2x, click itself before."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
 def main() -> None:
-    app()
+    """The console script. A usage error (an unknown or misspelt flag, a missing or bad value)
+    ends as every other error does: one line, exit 2, with the flag meant when one fits; ``-h``
+    is ``--help``."""
+    import sys
+
+    errors = _click_errors()
+    try:
+        code = app(prog_name="dfkd", standalone_mode=False, help_option_names=["-h", "--help"])
+    except errors.NoArgsIsHelpError as e:  # bare `dfkd`: the help and exit 2, as before
+        e.show()
+        code = e.exit_code
+    except errors.UsageError as e:
+        where = e.ctx.command_path if e.ctx else "dfkd"
+        err.print(f"[bold red]{where}: error:[/] {_usage_line(e, errors)}", soft_wrap=True)
+        code = 2
+    except typer.Abort:
+        code = 130
+    sys.exit(code or 0)
+
+
+def _usage_line(e, errors) -> str:
+    """click's message in one line; for an unknown flag, the flags it may stand for: those it
+    begins (``--num``: ``--num-images``), else the close spellings."""
+    import difflib
+
+    if not isinstance(e, errors.NoSuchOption) or e.ctx is None:
+        return " ".join(e.format_message().split())
+    flags = sorted({o for p in e.ctx.command.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")})
+    meant = [f for f in flags if f.startswith(e.option_name)] or difflib.get_close_matches(e.option_name, flags, 3, 0.7)
+    hint = f"did you mean {' or '.join(meant[:3])}?" if meant else f"see {e.ctx.command_path} --help"
+    return f"no such option {e.option_name}; {hint}"

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from .cards import ModelCard, update_card
+from .cards import ModelCard, input_record, update_card
 from .engine import stream
 from .errors import DfkdError
 from .images import open_labeled
@@ -26,6 +26,7 @@ class EvalResult:
     class_support: list[int]
     confusion: list[list[int]]
     classes: list[str]
+    input: dict  # how the model was fed and where that came from (dfkd.cards.input_record)
 
 
 def evaluate(card: ModelCard, data: str | Path, *, batch_size: int = 256, workers: int | None = None,
@@ -73,7 +74,8 @@ def evaluate(card: ModelCard, data: str | Path, *, batch_size: int = 256, worker
     # ratios of integer counts in Python floats (a float32 tensor division printed 0.18666666746139526)
     per_class = [int(confusion[i, i]) / int(support[i]) if support[i] else None for i in range(k)]
     return EvalResult(n, skipped, int(confusion.diag().sum()) / n, top5_hits / n if k > 5 else None,
-                      per_class, support.tolist(), confusion.tolist(), card.class_names)
+                      per_class, support.tolist(), confusion.tolist(), card.class_names,
+                      input_record(card))
 
 
 def save_eval(result: EvalResult, out: str | Path) -> Path:

@@ -31,6 +31,9 @@ class BadImage(Exception):
     """A file that cannot be used as an image; ``str(e)`` is the reason recorded in skipped.tsv."""
 
 
+MAX_INPUT_SIDE = 4096  # px; a larger input size in a card or flag is refused before anything is allocated
+
+
 @dataclass
 class InputSpec:
     """What a model is fed: ``size`` (H, W), ``channels`` (1 or 3), normalisation and resize mode.
@@ -45,23 +48,29 @@ class InputSpec:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     resize: str = "stretch"
 
+    REQUIRED = ("size", "mean", "std")  # never assumed: each changes what the model sees
+
     @classmethod
-    def from_dict(cls, d: dict, where: str = "input") -> "InputSpec":
-        d = dict(d or {})
+    def from_dict(cls, d: object, where: str = "input", hint: str = "") -> "InputSpec":
+        """Check a description (as in a card's ``input:``): ``size``, ``mean`` and ``std`` are
+        required; ``channels`` is the length of ``mean`` unless given; ``resize`` is ``stretch``
+        unless given. ``hint`` ends the message when a required key is missing."""
+        if not isinstance(d, dict):
+            raise DfkdError(f"{where}: expected a mapping such as {{size: 32, mean: [0.5], std: [0.5]}},"
+                            f" not {shown(d)}")
         unknown = set(d) - {"size", "channels", "mean", "std", "resize"}
         if unknown:
-            raise DfkdError(f"{where}: unknown key(s) {', '.join(sorted(unknown))};"
+            raise DfkdError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))};"
                             " expected size, channels, mean, std, resize")
-        size = d.get("size", 32)
-        size = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(s) for s in size)
-        channels = int(d.get("channels", 3))
-        if channels not in (1, 3) or len(size) != 2 or min(size) < 1:
-            raise DfkdError(f"{where}: size must be N or [H, W] and channels 1 or 3")
-        mean = [float(m) for m in d.get("mean", [0.5] * channels)]
-        std = [float(s) for s in d.get("std", [0.5] * channels)]
-        if len(mean) != channels or len(std) != channels or not all(
-                math.isfinite(m) for m in mean) or not all(math.isfinite(s) and s > 0 for s in std):
-            raise DfkdError(f"{where}: mean and std need {channels} finite values each (std > 0)")
+        missing = [k for k in cls.REQUIRED if d.get(k) is None]
+        if missing:
+            raise DfkdError(f"{where}: no {', '.join(missing)} given, and dfkd assumes none" + (hint and f"; {hint}"))
+        size, mean, std = _size(d["size"], where), _numbers(d["mean"], where, "mean"), _numbers(d["std"], where, "std")
+        channels = d.get("channels", len(mean))
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels not in (1, 3):
+            raise DfkdError(f"{where}: channels {shown(channels)}: must be 1 or 3")
+        if len(mean) != channels or len(std) != channels or min(std) <= 0:
+            raise DfkdError(f"{where}: mean and std need {channels} values each (one per channel; std > 0)")
         resize = d.get("resize", "stretch")
         if resize not in RESIZE_MODES:
             raise DfkdError(f"{where}: resize {resize!r} is not one of {', '.join(RESIZE_MODES)}")
@@ -71,6 +80,37 @@ class InputSpec:
         d = asdict(self)
         d["size"] = list(self.size)
         return d
+
+    def describe(self) -> str:
+        """One line: ``3x224x224, mean [..], std [..], resize crop``."""
+        def values(v: list[float]) -> str:
+            return "[" + ", ".join(f"{x:.4g}" for x in v) + "]"
+        return (f"{self.channels}x{self.size[0]}x{self.size[1]}, mean {values(self.mean)}, std {values(self.std)},"
+                f" resize {self.resize}")
+
+
+def shown(value: object) -> str:
+    """A value as an error message shows it: its repr, or its type when that is long."""
+    return repr(value) if len(repr(value)) <= 40 else f"a {type(value).__name__}"
+
+
+def _size(value: object, where: str) -> tuple[int, int]:
+    """``N`` or ``[H, W]``: whole numbers from 1 to MAX_INPUT_SIDE."""
+    sides = [value] if not isinstance(value, (list, tuple)) else list(value)
+    if len(sides) not in (1, 2) or not all(isinstance(s, int) and not isinstance(s, bool) for s in sides):
+        raise DfkdError(f"{where}: size {shown(value)}: expected N or [H, W] in whole pixels")
+    if not all(1 <= s <= MAX_INPUT_SIDE for s in sides):
+        raise DfkdError(f"{where}: size {shown(value)}: each side must be 1 to {MAX_INPUT_SIDE} px")
+    return (sides[0], sides[-1])
+
+
+def _numbers(value: object, where: str, key: str) -> list[float]:
+    """A list of finite numbers (one per channel)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not (1 <= len(items) <= 3) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             and math.isfinite(v) for v in items):
+        raise DfkdError(f"{where}: {key} {shown(value)}: expected one finite number per channel, e.g. [0.5]")
+    return [float(v) for v in items]
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

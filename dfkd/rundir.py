@@ -212,7 +212,9 @@ def _check_outside(out: Path, reads: Iterable[tuple[str, str | Path | None]]) ->
 
 
 def write_manifest(out: str | Path, command: str, options: dict[str, Any],
-                   inputs: dict[str, str | Path | None], **extra: Any) -> Path:
+                   inputs: dict[str, str | Path | None], *, input_spec: dict, **extra: Any) -> Path:
+    """``input_spec``: how the run fed its model(s), and where that came from
+    (:func:`dfkd.cards.input_record`); every command records it as ``input``."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -224,6 +226,7 @@ def write_manifest(out: str | Path, command: str, options: dict[str, Any],
         "argv": sys.argv,
         "options": options,
         "inputs": input_hashes(inputs),
+        "input": input_spec,
         "versions": {"dfkd": __version__, "torch": torch.__version__, "torchvision": torchvision,
                      "python": platform.python_version()},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -20,7 +20,8 @@ def env(tmp_path, pattern_folder, random_teacher):
 
     ts = tmp_path / "teacher.ts"  # a 1-channel 16x16 model, given without its input flags
     torch.jit.trace(load_model(load_card(random_teacher)), torch.zeros(1, 1, 16, 16)).save(str(ts))
-    (tmp_path / "noweights.yaml").write_text("arch: resnet8\nnum_classes: 3\ninput: {size: 16, channels: 1}\n")
+    (tmp_path / "noweights.yaml").write_text("arch: resnet8\nnum_classes: 3\n"
+                                             "input: {size: 16, channels: 1, mean: [0.5], std: [0.5]}\n")
     return {"TS": str(ts), "NW": str(tmp_path / "noweights.yaml"), "T": str(random_teacher),
             "P": str(pattern_folder), "O": str(tmp_path / "out"),
             "F": str(tmp_path / "afile"), "B": str(tmp_path / "binary.yaml"), "D": str(tmp_path)}
@@ -45,7 +46,7 @@ CASES = [
     ("pu-train --teacher {T} --positive {P} --unlabeled {P} --out {O} --prior 0.5 --reduction 0", "--reduction 0"),
     ("export --model {T} --out {D}", "is a directory"),
     ("expand --pu {T} --positive {P} --unlabeled {P} --out {O} --threshold nan", "--threshold nan"),
-    ("eval --model {TS} --data {P}", "does not say its input's size, channels, mean, std"),
+    ("eval --model {TS} --data {P}", "no size, mean, std given, and dfkd assumes none; a bare TorchScript file"),
     ("eval --model {TS} --data {P} --input-size 32 --input-channels 3 --input-mean 0.5,0.5,0.5 --input-std 1,1,1",
      "does not take a 1x3x32x32 input"),
     ("eval --model {TS} --data {P} --input-size 16 --input-channels 1 --input-mean x --input-std 1",

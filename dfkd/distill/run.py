@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import yaml
 
-from ..cards import ModelCard, build_arch, load_card, load_model, save_card
+from ..cards import ModelCard, build_arch, input_record, load_card, load_model, save_card
 from ..errors import DfkdError
 from ..events import Note, OnEvent
 from ..images import labeled_paths, pool_paths
@@ -204,7 +204,8 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: str |
                                  notes=f"dfkd distill --method {method} from {card.path}")
         inputs = teacher_inputs(teachers)
         write_manifest(out, "distill", config, {**inputs, **{f"data{i}": p for i, p in enumerate(data)}},
-                       objective=objective.describe(), student=student, ranks=rt.ranks.world,
+                       input_spec=input_record(card), objective=objective.describe(), student=student,
+                       ranks=rt.ranks.world,
                        summary={"steps": result.steps, "last": result.last, "best": result.best,
                                 "val_top1": val_top1})
         return DistillResult(student_card, result.steps, result.last, result.best, val_top1, objective.describe(),

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ..cards import load_card
+from ..cards import input_record, load_card
 from ..engine import Segment, score_run, stream
 from ..errors import DfkdError
 from ..images import open_labeled, open_pool
@@ -125,7 +125,8 @@ def expand(pu_card: str | Path, positive: str | Path, unlabeled: str | Path, out
         inputs = {"pu": pu_card, "positive": pos.source, "unlabeled": unlabeled,
                   **(teacher_inputs(t.cards) if t else {})}
         return _write(segment, pos, checked, Path(out), accept, reader, classes if t else None,
-                      {"options": {**accept.options(), **rt.options()}, "inputs": inputs, "prior": pu.get("prior")})
+                      {"options": {**accept.options(), **rt.options()}, "inputs": inputs, "prior": pu.get("prior"),
+                       "input": input_record(card)})
 
 
 def _write(segment: Segment, pos: Index, checked: list[tuple], out: Path, accept: Acceptance,
@@ -182,6 +183,7 @@ def _write(segment: Segment, pos: Index, checked: list[tuple], out: Path, accept
                "class_counts": counts, "prior": record["prior"]}
     if "duplicates" in files:
         summary["duplicates"] = dropped
-    files["manifest"] = write_manifest(out, "expand", record["options"], record["inputs"], summary=summary)
+    files["manifest"] = write_manifest(out, "expand", record["options"], record["inputs"],
+                                       input_spec=record["input"], summary=summary)
     return ExpandResult(out, pool_size, len(skipped), len(chosen), len(positives), counts,
                         classes or [], files, dropped)

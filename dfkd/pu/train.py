@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import yaml
 
-from ..cards import ModelCard, build_arch, load_card, read_state_dict
+from ..cards import ModelCard, build_arch, input_record, load_card, read_state_dict
 from ..errors import DfkdError
 from ..events import OnEvent
 from ..images import pool_paths
@@ -196,6 +196,7 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
                                                                sort_keys=False))
         write_manifest(out, "pu-train", {**options, "positive_repeat": repeat},
                        {**teacher_inputs([teacher]), "positive": positives.source, "unlabeled": pool.source},
+                       input_spec=input_record(teacher),
                        summary={"heldout_positive_recall": recall, "pool_positive_share": share,
                                 "teacher_keys_loaded": loaded, "backbone_keys": keys})
         return PuResult(card_path, result.steps, loaded, keys, recall, share, prior, len(fit), len(unl_rows),

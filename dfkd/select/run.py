@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..cards import ModelCard, load_card
+from ..cards import ModelCard, input_record, load_card
 from ..engine import RowFile, Segment, score_run
 from ..errors import DfkdError
 from ..index import open_index, write_index
@@ -287,7 +287,8 @@ def finish(segments: list[Segment], card: ModelCard, out: Path, budget: Budget |
                "class_counts": counts}
     if "duplicates" in files:
         summary["duplicates"] = dropped
-    files["manifest"] = write_manifest(out, "select", options, inputs, summary=summary)
+    files["manifest"] = write_manifest(out, "select", options, inputs, input_spec=input_record(card),
+                                       summary=summary)
     return SelectResult(out, pool_size, len(values), len(skipped), len(picked), counts, quantiles(values),
                         quantiles(np.array([r["score"] for r in picked])), card.class_names, files, dropped)
 

@@ -64,6 +64,12 @@ def infer_spec(paths: Sequence[str], size: int | None, channels: int | None) -> 
     return InputSpec(size=(size, size), channels=channels, mean=[0.0] * channels, std=[1.0] * channels)
 
 
+def _source(size: int | None, channels: int | None) -> str:
+    """Where train's input spec came from: mean and std are the training images' own."""
+    given = [k for k, v in (("size", size), ("channels", channels)) if v is not None]
+    return "training images" + (f", flags for {', '.join(given)}" if given else "")
+
+
 def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConfig, *, size: int | None = None,
                      channels: int | None = None, val_split: float = 0.1, arch_args: dict | None = None,
                      workers: int | None = None, device: str = "auto", stop_after: int | None = None,
@@ -113,5 +119,6 @@ def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConf
                          notes=f"trained by dfkd train on {data}; {val_split:.0%} validation split top-1 {val_top1:.4f}")
         write_manifest(out, "train", {"arch": arch, "val_split": val_split, "size": list(spec.size),
                                       "channels": spec.channels, **asdict(cfg)},
-                       {"data": data}, summary={"val_top1": val_top1, "best": result.best, "steps": result.steps})
+                       {"data": data}, input_spec={**spec.to_dict(), "source": _source(size, channels)},
+                       summary={"val_top1": val_top1, "best": result.best, "steps": result.steps})
         return TrainResult(card, val_top1, result.best, result.steps, len(full.skipped), result.resumed_from)
