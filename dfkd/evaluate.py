@@ -27,6 +27,7 @@ class EvalResult:
     confusion: list[list[int]]
     classes: list[str]
     input: dict  # how the model was fed and where that came from (dfkd.cards.input_record)
+    model: str = ""  # the evaluated card's absolute path (report matches a student to its eval)
 
 
 def evaluate(card: ModelCard, data: str | Path, *, batch_size: int = 256, workers: int | None = None,
@@ -75,7 +76,7 @@ def evaluate(card: ModelCard, data: str | Path, *, batch_size: int = 256, worker
     per_class = [int(confusion[i, i]) / int(support[i]) if support[i] else None for i in range(k)]
     return EvalResult(n, skipped, int(confusion.diag().sum()) / n, top5_hits / n if k > 5 else None,
                       per_class, support.tolist(), confusion.tolist(), card.class_names,
-                      input_record(card))
+                      input_record(card), str(card.path.resolve()))
 
 
 def save_eval(result: EvalResult, out: str | Path) -> Path:

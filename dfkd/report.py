@@ -397,6 +397,21 @@ def _run_sections(run: Path, heading: bool = False) -> list[str]:
     return parts
 
 
+def _student_top1(card: Path, steps: list[Path]) -> float | None:
+    """The top-1 of the eval.json among ``steps`` that evaluated ``card`` (eval.json names its
+    model; one written before it did counts only when it is the pipeline's one eval)."""
+    found = []
+    for p in (s / "eval.json" for s in steps):
+        try:
+            found.append(json.loads(p.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue
+    mine = [e for e in found if e.get("model") == str(card.resolve())]
+    if not mine and len(found) == 1 and not found[0].get("model"):
+        mine = found
+    return mine[0].get("top1") if mine else None
+
+
 def _accuracies(steps: list[Path]) -> list[str]:
     """Teacher against student top-1 on one line: the teacher card's accuracy (dfkd eval
     --write-card) and the student's eval.json, when the pipeline has both."""
@@ -412,8 +427,7 @@ def _accuracies(steps: list[Path]) -> list[str]:
             accuracy = (yaml.safe_load(Path(teacher).read_text(encoding="utf-8")) or {}).get("accuracy")
         except (OSError, yaml.YAMLError):
             accuracy = None
-        evals = [p for s in steps for p in (s / "eval.json",) if p.is_file()]
-        student = json.loads(evals[0].read_text(encoding="utf-8")).get("top1") if evals else None
+        student = _student_top1(step / "student.yaml", steps)
         rows.append((Path(teacher).name, accuracy, (step / "student.yaml").name, student))
     if not rows:
         return []

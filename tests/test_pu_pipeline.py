@@ -86,6 +86,8 @@ def test_expand_top_n_repeat_and_errors(tmp_path, digits_folders, digits_teacher
     assert scores == sorted(scores, reverse=True)
     with pytest.raises(DfkdError, match="not a PU card"):
         expand(digits_teacher, pos, pool, tmp_path / "x", device="cpu")
+    with pytest.raises(DfkdError, match="--teacher .*missing.yaml: no such file"):  # was silently ignored
+        expand(r.card, pos, pool, tmp_path / "x", teacher=tmp_path / "missing.yaml", device="cpu")
     good = next((pos / "0").glob("*.png"))
     (pos / "0" / "truncated.png").write_bytes(good.read_bytes()[:40])  # was written as a positive
     e2 = expand(r.card, pos, pool, tmp_path / "e2", num=5, workers=0, device="cpu")

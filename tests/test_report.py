@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,26 @@ def test_pipeline_report_from_real_cli_outputs(tmp_path, pattern_folder, random_
     res = runner.invoke(app, ["report", str(tmp_path / "pu")])
     assert res.exit_code == 0, res.output
     assert "step expand" in (tmp_path / "pu" / "report.html").read_text()
+
+
+def test_pipeline_report_pairs_each_student_with_its_own_eval(tmp_path):
+    """Two distill steps and two evals: each student's top-1 is the eval.json that names it
+    (every distill row used to get the first eval.json found, issue 22)."""
+    run = tmp_path / "two"
+    teacher = tmp_path / "teacher.yaml"
+    teacher.write_text("arch: resnet8\nnum_classes: 2\naccuracy: 0.9\n")
+    for name, top1 in (("distill-a", 0.61), ("distill-b", 0.83)):
+        step = run / name
+        step.mkdir(parents=True)
+        (step / "metrics.jsonl").write_text(json.dumps({"step": 1, "epoch": 1, "lr": 0.1, "loss": 1.0}) + "\n")
+        (step / "manifest.json").write_text(json.dumps({"command": "distill", "inputs": {
+            "teacher0": {"path": str(teacher)}}}))
+        ev = run / f"eval-{name[-1]}"
+        ev.mkdir()
+        (ev / "eval.json").write_text(json.dumps({
+            "num_images": 10, "top1": top1, "top5": None, "class_accuracy": [top1, top1], "classes": ["a", "b"],
+            "confusion": [[4, 1], [2, 3]], "model": str((step / "student.yaml").resolve())}))
+    page = write_report(run).read_text(encoding="utf-8")
+    table = page[page.index("teacher against student"):]
+    rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:3]
+    assert "0.6100" in rows[0] and "0.8300" in rows[1], rows

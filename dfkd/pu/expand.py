@@ -94,7 +94,9 @@ def expand(pu_card: str | Path, positive: str | Path, unlabeled: str | Path, out
     accept = Acceptance(threshold, num, repeat_positive, dedup, NEAR_DUPLICATE_COSINE if near is None else near)
     rt = setup(device, amp, workers)
     model, card, pu = load_pu(pu_card, rt.device)
-    teacher_path = teacher or pu.get("teacher")
+    if teacher is not None and not Path(teacher).is_file():
+        raise DfkdError(f"--teacher {teacher}: no such file (the teacher's card, for the per-class summary)")
+    teacher_path = teacher or pu.get("teacher")  # the one the PU card records, if it is still there
     t = load_teacher(load_card(teacher_path), rt.device) if teacher_path and Path(teacher_path).is_file() else None
     classes = t.card.class_names if t else [str(i) for i in range(card.num_classes)]
     pos = _positives(positive, t.card.classes if t else None)
