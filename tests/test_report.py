@@ -18,6 +18,11 @@ from dfkd.report import write_report  # noqa: E402
 PNG = '<img src="data:image/png;base64,'
 
 
+def _text(page: str) -> str:
+    """The page without its embedded images (base64 can hold any short word by chance)."""
+    return re.sub(r'<img [^>]*>', '', page)
+
+
 def _select_run(root: Path) -> Path:
     """A tiny select run: 12 generated images in 3 teacher classes, one missing file, one skipped."""
     run, pool = root / "sel", root / "pool"
@@ -38,7 +43,7 @@ def _select_run(root: Path) -> Path:
     card.write_text("arch: resnet20\nnum_classes: 3\nclasses: [cat, dog, bird]\n")
     (run / "manifest.json").write_text(json.dumps({
         "command": "select", "argv": ["dfkd", "select", "--num", "6"], "options": {"num": 6, "score": "noise"},
-        "inputs": {"teacher": {"path": str(card)}}, "summary": {"pool": 14}}))
+        "inputs": {"teacher0": {"path": str(card)}}, "summary": {"pool": 14}}))
     return run
 
 
@@ -48,8 +53,8 @@ def test_select_report(tmp_path):
     assert out == run / "report.html"
     page = out.read_text(encoding="utf-8")
     for title in ("Selection", "Scores", "Images per teacher class", "Best- and worst-ranked images per class",
-                  "Skipped files", "cannot identify image file", "dfkd select --num 6", "dog"):
-        assert title in page
+                  "Skipped files", "cannot identify image file", "dfkd select --num 6", "cat", "dog", "bird"):
+        assert title in _text(page), title
     # 2 plots + 13 thumbnails (the missing file gets a placeholder tile)
     assert page.count(PNG) == 2 + 13
     assert "unreadable" in page
@@ -71,6 +76,8 @@ def test_training_and_eval_report(tmp_path):
     page = write_report(run, tmp_path / "r.html").read_text(encoding="utf-8")
     for title in ("Training", "Evaluation", "best val top-1 (step)", "KD T=4", "last kd"):
         assert title in page
+    text = _text(page)
+    assert re.search(r"<td>top-1</td><td>0\.7</td>", text) and "<td>0.3000 (30)</td>" in text, text[-3000:]
     assert page.count(PNG) == 2
     assert "select: no data" in page
 

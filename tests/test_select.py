@@ -1,4 +1,5 @@
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -124,7 +125,10 @@ def test_select_writes_scores_selected_skipped_and_manifest(tmp_path, pattern_fo
     values = [float(r["score"]) for r in selected.rows]
     assert values == sorted(values) and len(selected) == 6
     assert sum(res.class_counts) == 6
-    assert (tmp_path / "run" / "manifest.json").is_file() and not (tmp_path / "run" / ".partial").exists()
+    # every file written whole (atomic_write's temporaries renamed away), nothing else left beside them
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert names == {".lock", ".scoring", "run.json", "manifest.json", "scores.tsv", "selected.tsv", "skipped.tsv",
+                     "duplicates.tsv"}, names
 
 
 def test_interrupted_select_resumes_to_identical_files(tmp_path, pattern_folder, random_teacher):
@@ -236,7 +240,11 @@ def test_report_of_a_real_select_run_names_the_teachers_classes(tmp_path, patter
 
     res = select_pool(load_card(random_teacher), pattern_folder, tmp_path / "run", num=6, workers=0, device="cpu")
     html = write_report(res.out).read_text()
-    assert all(name in html for name in ("bars_h", "bars_v", "blob"))
+    # the class names as the page shows them: not inside images, nor in tooltips (which hold paths,
+    # and the pool's folders have the classes' names)
+    shown = re.sub(r'<img [^>]*>|title="[^"]*"', "", html)
+    predicted = {["bars_h", "bars_v", "blob"][int(r["label"])] for r in read_index(res.out / "scores.tsv").rows}
+    assert predicted and all(f"<td>{name}<br>" in shown for name in predicted), shown[-4000:]
 
 
 def test_progress_outside_a_terminal_is_plain_lines_at_an_interval(tmp_path, pattern_folder, random_teacher,
