@@ -489,10 +489,10 @@ def eval_(
             from .pool import data_digest
             from .rundir import open_run
             from .runtime import setup
-            from .teacher import card_digest
+            from .teacher import card_digest, card_files
 
             run = stack.enter_context(open_run(out, "eval", setup(device, amp, workers).ranks,
-                                                      reads=[("--data", data)]))
+                                               reads=[*card_files("--model", card), ("--data", data)]))
             run.claim({"model": card_digest(card), "data": data_digest(data)}, overwrite)
         with progress("evaluating") as update:
             result = evaluate(card, data, batch_size=batch_size, workers=workers, device=device, amp=amp,
