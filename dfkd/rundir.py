@@ -208,7 +208,7 @@ def open_run(out: str | Path, command: str, ranks: Ranks = SINGLE,
     error = None
     if ranks.main:
         try:
-            check_outside(Path(out), reads)
+            _check_outside(Path(out), reads)
             run._acquire()
         except DfkdError as e:
             error = str(e)
@@ -216,7 +216,7 @@ def open_run(out: str | Path, command: str, ranks: Ranks = SINGLE,
     return run
 
 
-def check_outside(out: Path, reads: Iterable[tuple[str, str | Path | None]]) -> None:
+def _check_outside(out: Path, reads: Iterable[tuple[str, str | Path | None]]) -> None:
     """``out`` apart from the run's inputs: a run's files inside a folder it reads would be read as
     its images by the next run, and an input file inside ``out`` could be written over by an
     output of the same name or cleared by ``--overwrite``."""
