@@ -8,6 +8,7 @@ import contextlib
 import functools
 import json
 import math
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
@@ -18,6 +19,7 @@ from rich.table import Table
 
 from .console import emit, err, progress, table
 from .errors import DfkdError, out_of_memory
+from .io import disk_full
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Data-free model compression: select stand-in data from a wild pool, distill a student.")
@@ -77,27 +79,54 @@ def _options(trust_code: bool = typer.Option(
         os.environ[TRUST_CODE] = "1"
 
 
+# TorchScript is dfkd's own choice of format: torch's notices that it is deprecated are not for its users.
+QUIET = r"`torch\.jit\.\w+` is deprecated"
+
+
 def command(fn):
-    """Register ``fn`` as a subcommand; bad input ends with one line on stderr and exit 2."""
+    """Register ``fn`` as a subcommand; bad input (or a full disk) ends with one line on stderr and
+    exit 2. Warnings are held while the command runs and shown once it ends, one line each; a
+    command that fails on bad input shows its error line alone (not torch's warnings about the
+    file it could not load before it)."""
+    name = fn.__name__.rstrip("_").replace("_", "-")
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            fn(*args, **kwargs)
-        except Exception as e:
-            error = e if isinstance(e, DfkdError) else out_of_memory(e)
-            if error is None:
-                raise
-            err.print(f"[bold red]dfkd {fn.__name__.rstrip('_').replace('_', '-')}: error:[/] {escape(str(error))}",
-                      soft_wrap=True)
-            raise typer.Exit(2)
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]: run the same command again to resume")
-            raise typer.Exit(130)
+        with warnings.catch_warnings(record=True) as held:
+            warnings.filterwarnings("ignore", QUIET, FutureWarning)
+            try:
+                fn(*args, **kwargs)
+            except DfkdError as e:
+                _fail(name, str(e))
+            except KeyboardInterrupt:
+                _show(held)
+                err.print("[yellow]interrupted[/]: run the same command again to resume")
+                raise typer.Exit(130)
+            except Exception as e:
+                full, oom = disk_full(e), out_of_memory(e)
+                if full is None and oom is None:
+                    _show(held)
+                    raise
+                _fail(name, str(oom) if oom else f"{full.filename or 'a file of the run'}: cannot write it"
+                                                 f" ({full.strerror}); free some space and run the same command"
+                                                 " again to resume")
+            _show(held)
         from .dist import leave
 
         leave()
 
-    return app.command(fn.__name__.rstrip("_").replace("_", "-"))(wrapper)
+    return app.command(name)(wrapper)
+
+
+def _fail(name: str, message: str) -> None:
+    err.print(f"[bold red]dfkd {name}: error:[/] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _show(held: list[warnings.WarningMessage]) -> None:
+    for w in held:
+        text = (str(w.message).strip().splitlines() or [""])[0]
+        err.print(f"[yellow]warning:[/] {w.category.__name__}: {escape(text)}", soft_wrap=True, highlight=False)
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:
@@ -517,10 +546,10 @@ def eval_(
             from .pool import data_digest
             from .rundir import open_run
             from .runtime import setup
-            from .teacher import card_digest
+            from .teacher import card_digest, card_files
 
             run = stack.enter_context(open_run(out, "eval", setup(device, amp, workers).ranks,
-                                                      reads=[("--data", data)]))
+                                               reads=[*card_files("--model", card), ("--data", data)]))
             run.claim({"model": card_digest(card), "data": data_digest(data)}, overwrite)
         with progress("evaluating") as update:
             result = evaluate(card, data, batch_size=batch_size, workers=workers, device=device, amp=amp,

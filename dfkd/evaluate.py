@@ -54,7 +54,7 @@ def evaluate(card: ModelCard, data: str | Path, *, batch_size: int = 256, worker
         return list(zip(logits.argmax(1).tolist(), top5, y.tolist(), paths, errors))
 
     confusion = torch.zeros(k, k, dtype=torch.long)
-    top5_hits, n, done, skipped = 0, 0, 0, []
+    top5_hits, n, done, skipped = 0, 0, 0, list(index.problems)  # files the listing could not take
     for got in stream(teacher.model, card.input, lambda: iter(index.rows), len(index), rows, rt,
                       batch_size=batch_size):
         for pred, hit, y, path, error in got:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,10 @@ def export_model(card: ModelCard, fmt: str, out: str | Path, samples: int = 8, s
     out = Path(out)
     if out.is_dir():
         raise DfkdError(f"--out {out}: is a directory; give the file to write")
+    for source in (card.path, card.weights, card.torchscript):
+        if source is not None and out.exists() and os.path.samefile(out, source):
+            raise DfkdError(f"--out {out}: is the model's own file {source}, which the export would write"
+                            " over; give another file")
     model = load_model(card, "cpu")
     x = torch.randn(samples, card.input.channels, *card.input.size, generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():

@@ -200,6 +200,8 @@ def read_index(path: str | Path) -> Index:
 
 
 def format_cell(value: object) -> str:
+    """A cell as text; a NUL byte (no file name holds one: a bad row, recorded as skipped) is
+    written escaped, as ``\\0``, so that the file stays text."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -207,7 +209,7 @@ def format_cell(value: object) -> str:
     text = str(value)
     if "\t" in text or "\n" in text:
         raise DfkdError(f"value {text!r} contains a tab or newline, which an index file cannot hold")
-    return text
+    return text.replace("\0", "\\0")
 
 
 def write_index(path: str | Path, rows: Iterable[dict], columns: Sequence[str]) -> Path:

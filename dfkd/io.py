@@ -1,6 +1,7 @@
 """Atomic file writes and content hashes, shared by every command that writes outputs."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -8,17 +9,32 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import DfkdError
+
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a quota used up
+
+
+def disk_full(e: BaseException) -> OSError | None:
+    """The full-disk OSError behind ``e``, if any (torch.save reports one as a RuntimeError)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in FULL:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w") -> Path:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it into place. On a
+    full disk the temporary file is removed and a DfkdError names ``path``."""
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         kwargs = {"encoding": "utf-8", "newline": ""} if "b" not in mode else {}
         with os.fdopen(fd, mode, **kwargs) as f:
             write(f)
@@ -26,9 +42,13 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w"
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are ordinary files
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        full = disk_full(e)
+        if full:
+            raise DfkdError(f"{path}: cannot write it ({full.strerror}); nothing half-written was left:"
+                            " free some space and run the command again") from None
         raise
     return path
 

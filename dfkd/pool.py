@@ -124,7 +124,7 @@ def pool_rows(source: str | Path, flag: str, problems: list[dict]) -> tuple[list
     """The columns and streamed rows of a pool folder or index file."""
     tars = shards.shard_list(source, flag)
     if tars is not None:
-        note = lambda path, reason: problems.append({"path": path, "reason": reason})  # noqa: E731
+        note = lambda path, reason: problems.append({"path": _printable(path), "reason": reason})  # noqa: E731
         return ["path"], ({"path": p} for tar in tars for p in shards.members(tar, note))
     source = Path(source)
     if source.is_dir():

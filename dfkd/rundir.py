@@ -35,8 +35,19 @@ from .errors import DfkdError
 from .events import OnEvent, Opened
 from .io import file_sha256, write_json
 
-# What a run keeps between attempts; --overwrite removes it (outputs are rewritten anyway).
-STATE = ("run.json", "checkpoints", "metrics.jsonl", ".scoring")
+# What a run keeps between attempts; --overwrite removes it after the outputs, run.json last.
+STATE = ("checkpoints", "metrics.jsonl", ".scoring", "run.json")
+# What each command writes into its --out besides STATE; --overwrite removes it first, the
+# manifest (the mark of a finished run) and the report before the rest.
+OUTPUTS = {
+    "select": ("scores.tsv", "selected.tsv", "skipped.tsv", "duplicates.tsv"),
+    "expand": ("expanded.tsv", "pu_scores.tsv", "skipped.tsv", "duplicates.tsv"),
+    "train": ("model.yaml", "model.pt", "skipped.tsv", "config.yaml", "tensorboard"),
+    "distill": ("student.yaml", "student.pt", "skipped.tsv", "config.yaml", "class_counts.json", "tensorboard"),
+    "pu-train": ("pu.yaml", "pu.pt", "skipped.tsv", "config.yaml", "tensorboard"),
+    "eval": ("eval.json",),
+}
+FINISHED = ("manifest.json", "report.html")
 
 
 def input_hashes(paths: dict[str, str | Path | None]) -> dict[str, dict]:
@@ -117,8 +128,12 @@ class RunDir:
                 saved["inputs"] = _with_added(saved["inputs"], added)
             if saved == record:
                 return True
+            other = saved.get("command") if isinstance(saved, dict) else None
+            if isinstance(other, str) and other != self.command:
+                raise DfkdError(f"--out {self.path}: holds a run of dfkd {other}, which --overwrite does not"
+                                f" clear (it starts afresh only a run of dfkd {self.command}); use another --out")
             if not overwrite:
-                what = "a run of another command" if saved.get("command") != self.command else \
+                what = "a run of another command" if other != self.command else \
                     "a run with other inputs (" + ", ".join(_differences(saved.get("inputs") or {}, identity)) + ")"
                 raise DfkdError(f"--out {self.path}: holds {what}; use another --out, or --overwrite to"
                                 " start this run afresh there")
@@ -128,9 +143,10 @@ class RunDir:
         return False
 
     def clear(self) -> None:
-        for name in STATE:
+        """Remove this command's run: the marks of a finished run, its outputs, its state, run.json last."""
+        for name in (*FINISHED, *OUTPUTS[self.command], *STATE):
             p = self.path / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._lock is not None:
@@ -186,7 +202,8 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 def open_run(out: str | Path, command: str, ranks: Ranks = SINGLE,
              reads: Iterable[tuple[str, str | Path | None]] = ()) -> RunDir:
     """Lock ``out`` for this run (rank 0); every rank fails together when it cannot. ``reads``:
-    the (flag, path) of each image folder the run reads, which ``out`` must not be inside."""
+    the (flag, path) of everything the run reads: ``out`` must not be inside a folder of them,
+    nor hold a file of them."""
     run = RunDir(Path(out), command, ranks)
     error = None
     if ranks.main:
@@ -200,15 +217,22 @@ def open_run(out: str | Path, command: str, ranks: Ranks = SINGLE,
 
 
 def _check_outside(out: Path, reads: Iterable[tuple[str, str | Path | None]]) -> None:
-    """A run's files inside a folder it reads would be read as its images by the next run."""
+    """``out`` apart from the run's inputs: a run's files inside a folder it reads would be read as
+    its images by the next run, and an input file inside ``out`` could be written over by an
+    output of the same name or cleared by ``--overwrite``."""
     real = Path(os.path.realpath(out))
     for flag, source in reads:
-        if source is None or not Path(source).is_dir():
-            continue  # an index file, a shard pattern: rows name their files, a new file is not one
-        root = Path(os.path.realpath(source))
-        if real == root or root in real.parents:
-            raise DfkdError(f"--out {out}: is inside {flag} {source}, whose images the next run would"
-                            " read with this run's files among them; use an --out outside it")
+        if source is None:
+            continue
+        given = Path(source)
+        if given.is_dir():
+            root = Path(os.path.realpath(given))
+            if real == root or root in real.parents:
+                raise DfkdError(f"--out {out}: is inside {flag} {source}, whose images the next run would"
+                                " read with this run's files among them; use an --out outside it")
+        elif given.is_file() and real in Path(os.path.realpath(given)).parents:
+            raise DfkdError(f"--out {out}: holds {flag} {source}, which this run's outputs could write over"
+                            " (or --overwrite clear); use an --out that holds none of the run's inputs")
 
 
 def write_manifest(out: str | Path, command: str, options: dict[str, Any],

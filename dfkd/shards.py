@@ -5,7 +5,9 @@ also ``{a,b}`` lists), a single ``.tar``, or a folder holding ``.tar`` files amo
 Each image member of a shard is one row, its path ``SHARD.tar#MEMBER`` (the ``#`` form is the
 index-file contract for a member; a file that really exists under that name stays a file).
 Members that are not images (the ``.json``, ``.txt``, ``.cls`` sidecars of a sample) are not
-rows.
+rows. An image member that is a link (hard or symbolic), or whose name an index file cannot hold
+(a tab or newline), is recorded as skipped. A pattern names at most :data:`MAX_SHARDS` shards,
+counted before any is listed.
 
 Reading goes through the shard's own member table (one pass over its headers, kept per
 process for the last few shards), then a seek to the member's data: rows in shard order read
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 import os
 import re
 from collections import OrderedDict
@@ -32,11 +35,14 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 _OPEN: "OrderedDict[str, tuple[BinaryIO, dict[str, tuple[int, int]], str | None]]" = OrderedDict()
 KEEP_OPEN = 16
 BLOCK = 512
+MAX_SHARDS = 1_000_000  # a brace pattern naming more is refused before it is expanded
+LINKS = (b"1", b"2")  # tar member types: hard link, symbolic link
 ZERO_BLOCK = bytes(BLOCK)
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """``a/{000..002}.tar`` → a/000.tar, a/001.tar, a/002.tar (zero-padding kept); ``{x,y}`` lists."""
+    """``a/{000..002}.tar`` → a/000.tar, a/001.tar, a/002.tar (zero-padding kept); ``{x,y}`` lists.
+    More than :data:`MAX_SHARDS` names are refused before any is made."""
     parts, last, choices = [], 0, []
     for m in _BRACE.finditer(pattern):
         parts.append(pattern[last:m.start()])
@@ -47,11 +53,16 @@ def expand_braces(pattern: str) -> list[str]:
             width = len(lo) if lo.startswith("0") else 0
             if int(hi) < int(lo):
                 raise DfkdError(f"{pattern}: the range {{{body}}} is empty (write it low..high)")
-            choices.append([str(i).zfill(width) for i in range(int(lo), int(hi) + 1)])
+            choices.append((int(lo), int(hi), width))
         else:
             choices.append(body.split(","))
         last = m.end()
     parts.append(pattern[last:])
+    count = math.prod(c[1] - c[0] + 1 if isinstance(c, tuple) else len(c) for c in choices)
+    if count > MAX_SHARDS:
+        raise DfkdError(f"{pattern}: names {count} shards, more than dfkd takes from one pattern ({MAX_SHARDS});"
+                        " check the ranges")
+    choices = [[str(i).zfill(c[2]) for i in range(c[0], c[1] + 1)] if isinstance(c, tuple) else c for c in choices]
     out = []
     for picks in itertools.product(*choices):
         out.append("".join(p + c for p, c in zip(parts, picks)) + parts[-1])
@@ -84,7 +95,8 @@ def split_member(path: str) -> tuple[str, str] | None:
 
 def members(shard: str, note: Callable[[str, str], None]) -> Iterator[str]:
     """The row paths of a shard's image members, in the shard's order. A shard that cannot be
-    read is noted; one cut off or damaged part-way is noted, and the members before it kept."""
+    read is noted; one cut off or damaged part-way is noted, and the members before it kept. An
+    image member that is a link, or whose name holds a tab or newline, is noted instead of listed."""
     try:
         _, table, problem = _table(shard)
     except OSError as e:
@@ -93,9 +105,16 @@ def members(shard: str, note: Callable[[str, str], None]) -> Iterator[str]:
     if problem:
         note(shard, f"tar shard not readable ({problem})" if not table else
              f"tar shard not readable past its first {len(table)} members ({problem}): the rest left out")
-    for name in table:
-        if name.lower().endswith(IMAGE_SUFFIXES):
-            yield f"{shard}{SEP}{name}"
+    for name, where in table.items():
+        if not name.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        row = f"{shard}{SEP}{name}"
+        if where is None:
+            note(row, "a link inside the tar (hard or symbolic), not an image's bytes: left out")
+        elif any(c in name for c in "\t\n\r"):
+            note(row, "member name holds a tab or newline, which an index file cannot hold: left out")
+        else:
+            yield row
 
 
 def read_member(shard: str, member: str) -> bytes:
@@ -103,7 +122,8 @@ def read_member(shard: str, member: str) -> bytes:
     f, table, _ = _table(shard)
     where = table.get(member)
     if where is None:
-        raise FileNotFoundError(f"{member} is not in {shard}")
+        raise FileNotFoundError(f"{member} is not in {shard}" if member not in table else
+                                f"{member} is a link inside {shard}, not an image's bytes")
     f.seek(where[0])
     return f.read(where[1])
 
@@ -133,9 +153,9 @@ def identity(path: str) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-def _table(shard: str) -> tuple[BinaryIO, dict[str, tuple[int, int]], str | None]:
-    """The open shard, its regular files' (data offset, size) by name, and what stopped the
-    scan early if anything did (kept open for the next rows)."""
+def _table(shard: str) -> tuple[BinaryIO, dict[str, tuple[int, int] | None], str | None]:
+    """The open shard, its regular files' (data offset, size) by name (None for a link), and
+    what stopped the scan early if anything did (kept open for the next rows)."""
     key = f"{os.getpid()}:{shard}"  # a forked decoding worker opens its own
     if key in _OPEN:
         _OPEN.move_to_end(key)
@@ -151,9 +171,10 @@ def _table(shard: str) -> tuple[BinaryIO, dict[str, tuple[int, int]], str | None
     return _OPEN[key]
 
 
-def _scan(f: BinaryIO, length: int) -> tuple[dict[str, tuple[int, int]], str | None]:
+def _scan(f: BinaryIO, length: int) -> tuple[dict[str, tuple[int, int] | None], str | None]:
     """One pass over a tar's headers (ustar, pax and GNU long names), seeking past the data.
-    Returns the members found and, if the tar ends early or a header is damaged, why.
+    Returns the members found (links as None) and, if the tar ends early or a header is damaged
+    (a negative size too: the scan only moves forward), why.
 
     ``tarfile`` parses every header field in Python; this reads only the name, size and type,
     which made listing and reading a shard several times faster."""
@@ -171,7 +192,7 @@ def _scan(f: BinaryIO, length: int) -> tuple[dict[str, tuple[int, int]], str | N
             ok = int(stored or b"-1", 8) == sum(block[:148]) + 256 + sum(block[156:])
         except ValueError:
             ok = False
-        if not ok:
+        if not ok or size < 0:
             return table, f"bad header at byte {pos}" if pos else "not a tar"
         kind, data = block[156:157], pos + BLOCK
         if data + size > length:
@@ -180,14 +201,14 @@ def _scan(f: BinaryIO, length: int) -> tuple[dict[str, tuple[int, int]], str | N
             f.seek(data)
             payload = f.read(size)
             long_name = _pax_path(payload) if kind == b"x" else payload.rstrip(b"\0").decode("utf-8", "replace")
-        elif kind in (b"0", b"\0", b"7"):
+        elif kind in (b"0", b"\0", b"7", *LINKS):
             name = long_name
             if name is None:
                 name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
                 prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
                 if prefix:
                     name = prefix.decode("utf-8", "replace") + "/" + name
-            table[name] = (data, size)
+            table[name] = None if kind in LINKS else (data, size)
             long_name = None
         else:
             long_name = None

@@ -120,6 +120,12 @@ def teacher_inputs(cards: Sequence[ModelCard]) -> dict[str, Path | None]:
     return out
 
 
+def card_files(flag: str, *cards: ModelCard) -> list[tuple[str, Path]]:
+    """(flag, file) of every file ``cards`` are read from: the card, its weights, its TorchScript
+    (what :func:`dfkd.rundir.open_run` keeps out of ``--out``)."""
+    return [(flag, f) for c in cards for f in (c.path, c.weights, c.torchscript) if f is not None]
+
+
 def card_digest(card: ModelCard) -> str:
     h = hashlib.sha256()
     for f in (card.path, card.weights, card.torchscript):

@@ -185,8 +185,8 @@ def test_resume_with_other_inputs_is_refused_unless_overwrite(tmp_path, digits_f
         distill(teacher, "resnet8", [train], run, cfg("kd", epochs=2), workers=0, device="cpu")
     with pytest.raises(DfkdError, match=r"holds a run with other inputs \(student\)"):  # was: a state_dict traceback
         distill(teacher, "resnet14", [test], run, cfg("kd", epochs=2), workers=0, device="cpu")
-    with pytest.raises(DfkdError, match="holds a run of another command"):
-        select_pool(teacher, test, run, num=5, workers=0, device="cpu")
+    with pytest.raises(DfkdError, match="holds a run of dfkd distill, which --overwrite does not clear"):
+        select_pool(teacher, test, run, num=5, workers=0, device="cpu", overwrite=True)
     fresh = distill(teacher, "resnet8", [train], run, cfg("kd", steps=3), workers=0, device="cpu", overwrite=True)
     assert fresh.resumed_from == 0 and fresh.steps == 3 and fresh.images == 1400
     again = distill(teacher, "resnet8", [train], run, cfg("kd", steps=3), workers=0, device="cpu")

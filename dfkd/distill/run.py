@@ -24,7 +24,7 @@ from ..models.features import classifier_layer
 from ..pool import data_digest
 from ..rundir import open_run, write_manifest
 from ..runtime import setup
-from ..teacher import card_digest, check_compatible, ensemble_accuracy, load_teacher, teacher_inputs
+from ..teacher import card_digest, card_files, check_compatible, ensemble_accuracy, load_teacher, teacher_inputs
 from ..train.data import ImageSet, decode_images
 from ..train.loop import LoopConfig, accuracy, batch_outputs, run_loop
 from .objectives import OBJECTIVES, build_objective, objective_options
@@ -168,13 +168,15 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: str |
     if terms["align"]["weight"] > 0 or terms["correlation"]["weight"] > 0:
         dims = {"student_dim": classifier_layer(s_model, "the student").in_features,
                 "teacher_dim": classifier_layer(teacher.members[0], f"--teacher {card.path}").in_features}
-    identity = {"teacher": teacher.identity(), "student": student if not Path(student).is_file() else
-                card_digest(load_card(student)), "data": [data_digest(p) for p in data],
+    student_init = load_card(student) if Path(student).is_file() else None
+    identity = {"teacher": teacher.identity(), "student": card_digest(student_init) if student_init else student,
+                "data": [data_digest(p) for p in data],
                 "eval_data": data_digest(eval_data) if eval_data is not None else None,
                 "config": {**json.loads(json.dumps(config)), "online": _online_identity(terms["online"])}}
     v_rows = labeled_paths(eval_data, card.classes, flag="--eval-data")[0] if eval_data is not None else None
-    with open_run(out, "distill", rt.ranks,
-                  reads=[*(("--data", p) for p in data), ("--eval-data", eval_data)]) as run:
+    reads = [*card_files("--teacher", *teachers), *(card_files("--student", student_init) if student_init else ()),
+             *(("--data", p) for p in data), ("--eval-data", eval_data)]
+    with open_run(out, "distill", rt.ranks, reads=reads) as run:
         run.claim(identity, overwrite, added=ADDED, on_event=on_event)
         val = None
         if v_rows is not None:

@@ -26,7 +26,7 @@ from ..runtime import setup
 from ..select.candidates import SLACK, Look, check_dedup, drop_duplicates, look_again
 from ..select.dedup import NEAR_DUPLICATE_COSINE
 from ..select.policies import POLICIES, StreamingChoice
-from ..teacher import card_digest, load_teacher, teacher_inputs
+from ..teacher import card_digest, card_files, load_teacher, teacher_inputs
 from .train import load_pu
 
 
@@ -115,7 +115,9 @@ def expand(pu_card: str | Path, positive: str | Path, unlabeled: str | Path, out
         return look_again(model, card.input, paths, rt, batch_size=batch_size)
 
     identity = {"pu": card_digest(card), "teacher": t.identity() if t else None}
-    with open_run(out, "expand", rt.ranks, reads=[("--unlabeled", unlabeled), ("--positive", positive)]) as run:
+    reads = [*card_files("--pu", card), *(card_files("--teacher", *t.cards) if t else ()),
+             ("--unlabeled", unlabeled), ("--positive", positive)]
+    with open_run(out, "expand", rt.ranks, reads=reads) as run:
         segment = score_run(run, rt, unlabeled, "--unlabeled", identity, model, card.input, rows,
                             (float, int, str), batch_size=batch_size, overwrite=overwrite,
                             on_progress=on_progress, forward=both)

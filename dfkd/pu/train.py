@@ -26,7 +26,7 @@ from ..io import atomic_write, write_text
 from ..pool import data_digest
 from ..rundir import open_run, write_manifest
 from ..runtime import setup
-from ..teacher import card_digest, teacher_inputs
+from ..teacher import card_digest, card_files, teacher_inputs
 from ..train.data import decode_images
 from ..train.loop import LoopConfig, outputs, run_loop
 from ..train.objective import Batch, LoopObjective
@@ -155,7 +155,8 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
     positives, pool = pool_paths(positive, "--positive"), pool_paths(unlabeled, "--unlabeled")
     spec = teacher.input
     options = asdict(cfg)
-    with open_run(out, "pu-train", rt.ranks, reads=[("--positive", positive), ("--unlabeled", unlabeled)]) as run:
+    reads = [*card_files("--teacher", teacher), ("--positive", positive), ("--unlabeled", unlabeled)]
+    with open_run(out, "pu-train", rt.ranks, reads=reads) as run:
         run.claim({"teacher": card_digest(teacher), "positive": data_digest(positive),
                    "unlabeled": data_digest(unlabeled), "config": options}, overwrite, on_event=on_event)
         # one decoded set (in memory or the on-disk cache): the positives first, then the pool

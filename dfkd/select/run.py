@@ -27,7 +27,7 @@ from ..index import open_index, write_index
 from ..pool import Listing
 from ..rundir import RunDir, open_run, write_manifest
 from ..runtime import Runtime, resolve_device, setup
-from ..teacher import Teacher, load_teacher, teacher_inputs
+from ..teacher import Teacher, card_files, load_teacher, teacher_inputs
 from .candidates import (SLACK, THUMB, Look, check_dedup, digests_of, drop_duplicates, teacher_look, thumb_array,
                          thumb_text, thumbnail)
 from .dedup import NEAR_DUPLICATE_COSINE
@@ -158,7 +158,8 @@ def select_pool(teachers: ModelCard | Sequence[ModelCard], pool: str | Path, out
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise DfkdError(f"--shard {shard[0]}/{shard[1]}: expected I/N with 0 <= I < N")
     rt = setup(device, amp, workers)
-    with open_run(out, "select", rt.ranks, reads=[("--pool", pool)]) as run:
+    cards = [teachers] if isinstance(teachers, ModelCard) else list(teachers)
+    with open_run(out, "select", rt.ranks, reads=[*card_files("--teacher", *cards), ("--pool", pool)]) as run:
         teacher = load_teacher(teachers, rt.device)
         segment = score_pool(teacher, pool, run, rt, score=score, seed=seed, batch_size=batch_size,
                              shard=shard, overwrite=overwrite, on_progress=on_progress)
@@ -213,7 +214,7 @@ def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path, *, num: int 
                                         first["problems"]), lo, hi, rows))
     cards = [load_card(t) for t in first["teachers"]]
     card = cards[0]
-    with open_run(out, "select") as run:
+    with open_run(out, "select", reads=[*(("--merge", d) for _, d in shards), *card_files("--teacher", *cards)]) as run:
         run.claim({"merge": [m["identity"] for m, _ in shards]}, overwrite)
         options = dict(**budget.options(), merged=[str(d) for _, d in shards])
 

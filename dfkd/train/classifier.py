@@ -80,6 +80,8 @@ def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConf
     Under torchrun: DistributedDataParallel, ``cfg.batch_size`` global; rank 0 returns the result."""
     out = Path(out)
     cfg.check()
+    if not 0 <= val_split < 1:  # NaN too
+        raise DfkdError(f"--val-split {val_split}: must be at least 0 and below 1")
     rt = setup(device, cfg.amp, workers, training=True)
     cfg = replace(cfg, amp=rt.amp)
     rows, classes = labeled_paths(data)

@@ -76,6 +76,10 @@ class LoopConfig:
                 raise DfkdError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if not self.lr > 0:
             raise DfkdError(f"--lr {self.lr}: must be positive")
+        if not 0 <= self.momentum < 1:  # NaN too
+            raise DfkdError(f"momentum {self.momentum}: must be at least 0 and below 1 (--set momentum=0.9)")
+        if not self.weight_decay >= 0:
+            raise DfkdError(f"weight_decay {self.weight_decay}: must be at least 0 (--set weight_decay=5e-4)")
 
 
 def lr_factor(cfg: LoopConfig, step: int, total: int) -> float:
