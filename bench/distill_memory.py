@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     images = work / f"images-{args.num}-{args.size}"
     if not images.is_dir():
         (photo_pool if args.photos else jpeg_pool)(images, args.num, args.size, args.size)
-    index = write_index(work / "train.tsv", [{"path": str(f)} for f in sorted(images.iterdir())], ["path"])
+    index = write_index(work / "train.tsv", [{"path": str(f.resolve())} for f in sorted(images.iterdir())], ["path"])
     spec = InputSpec(size=(args.size, args.size), channels=3, mean=[0.485, 0.456, 0.406],
                      std=[0.229, 0.224, 0.225], resize="crop")
     card = random_card(work, args.teacher, spec=spec, classes=10)

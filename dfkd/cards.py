@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,8 +396,30 @@ def save_card(path: str | Path, arch: str, num_classes: int, spec: InputSpec, st
 
 
 def update_card(path: str | Path, **fields: Any) -> Path:
-    """Set fields of an existing YAML card in place (atomically)."""
+    """Set top-level fields of an existing YAML card in place (atomically), keeping the rest of
+    the file as its author wrote it (comments, order, layout): a field's entry is replaced where
+    it stands, or added at the end. Should the file's layout defeat that (the result would not
+    read back as the fields set), the card is written out whole instead."""
     path = Path(path)
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    text = path.read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
     data.update(fields)
-    return write_text(path, yaml.safe_dump(data, sort_keys=False))
+    lines = text.splitlines(keepends=True)
+    for key, value in fields.items():
+        entry = f"{key}: {json.dumps(value)}\n"  # JSON is YAML's flow style: one line
+        start = next((i for i, line in enumerate(lines) if re.match(rf"{re.escape(key)}\s*:", line)), None)
+        if start is None:
+            if lines and not lines[-1].endswith("\n"):
+                lines[-1] += "\n"
+            lines.append(entry)
+            continue
+        end = start + 1
+        while end < len(lines) and (lines[end][:1] in (" ", "\t", "-") and lines[end].strip()):
+            end += 1  # the entry's block: indented lines, or a block list at column 0
+        lines[start:end] = [entry]
+    kept = "".join(lines)
+    try:
+        same = yaml.safe_load(kept) == data
+    except yaml.YAMLError:
+        same = False
+    return write_text(path, kept if same else yaml.safe_dump(data, sort_keys=False))

@@ -320,3 +320,27 @@ def test_every_command_records_and_prints_the_input_it_fed(tmp_path: Path, patte
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["input"] == {
         **want, "size": [12, 12], "source": "card, flags for size"}
     assert "input 1x12x12, mean [0.5], std [0.5], resize stretch (from card, flags for size)" in flat(res.stderr)
+
+
+def test_write_card_keeps_the_users_comments_and_layout(tmp_path):
+    """eval --write-card adds the accuracies without losing the rest of the user's card (it was
+    rewritten by yaml.safe_dump, comments stripped; issue 23)."""
+    import yaml as _yaml
+
+    from dfkd.cards import update_card
+
+    card = tmp_path / "teacher.yaml"
+    head = ("# our production teacher, trained 2026-10 on the private set\n"
+            "arch: resnet8   # the small one\n"
+            "num_classes: 3\n"
+            "class_accuracy:\n- 0.1\n- 0.2\n- 0.3\n"
+            "input:\n  size: 16  # as trained\n  mean: [0.5]\n  std: [0.5]\n")
+    card.write_text(head + "# kept last\nweights: t.pt\n")
+    update_card(card, accuracy=0.75, class_accuracy=[0.5, 0.75, 1.0])
+    text = card.read_text()
+    for kept in ("# our production teacher", "# the small one", "size: 16  # as trained", "# kept last\nweights: t.pt"):
+        assert kept in text, text
+    data = _yaml.safe_load(text)
+    assert data["accuracy"] == 0.75 and data["class_accuracy"] == [0.5, 0.75, 1.0] and data["input"]["size"] == 16
+    update_card(card, accuracy=0.8)  # again: replaced where it stands, not added twice
+    assert card.read_text().count("accuracy: ") == 2 and _yaml.safe_load(card.read_text())["accuracy"] == 0.8

@@ -225,7 +225,7 @@ def warnings_shown(monkeypatch):
 
 @pytest.mark.parametrize("model,fragment", [
     ("weights.pt", "neither a YAML model card (.yaml) nor a TorchScript file"),
-    ("bare.ts", "does not say its input's"),
+    ("bare.ts", "does not say its input"),
     ("ts_weights.yaml", "bare.ts"),
 ])
 def test_a_file_torch_cannot_load_gives_one_line_alone(model_files, pattern_folder, warnings_shown, model, fragment):
