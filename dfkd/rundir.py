@@ -123,8 +123,14 @@ class RunDir:
             try:
                 saved = json.loads(saved_path.read_text(encoding="utf-8"))
             except (ValueError, UnicodeDecodeError):
+                saved = None
+            if not (isinstance(saved, dict) and isinstance(saved.get("command"), str)
+                    and isinstance(saved.get("inputs"), dict)):
+                if not overwrite:
+                    raise DfkdError(f"{saved_path}: damaged (not the JSON record dfkd writes of a run's inputs);"
+                                    f" --overwrite starts this run afresh there, or use another --out")
                 saved = {}
-            if isinstance(saved, dict) and isinstance(saved.get("inputs"), dict):
+            if saved.get("inputs") is not None:
                 saved["inputs"] = _with_added(saved["inputs"], added)
             if saved == record:
                 return True

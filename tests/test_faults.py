@@ -288,3 +288,17 @@ def test_loop_settings_out_of_range_are_one_line(tmp_path, pattern_folder, setti
 def test_val_split_nan_is_refused(tmp_path, pattern_folder):
     res = run("train", "--arch", "resnet8", "--data", pattern_folder, "--out", tmp_path / "o", "--val-split", "nan")
     one_line(res, "--val-split nan")
+
+
+def test_a_damaged_run_json_is_named_as_such(tmp_path, pattern_folder, random_teacher):
+    """A cut-off run.json was reported as 'a run of another command' (issue 22)."""
+    from dfkd.select.run import select_pool
+
+    out = tmp_path / "sel"
+    select_pool(load_card(random_teacher), pattern_folder, out, num=4, batch_size=8, workers=0, device="cpu")
+    (out / "run.json").write_text((out / "run.json").read_text()[:20])
+    with pytest.raises(DfkdError, match=r"run.json: damaged .* --overwrite starts this run afresh"):
+        select_pool(load_card(random_teacher), pattern_folder, out, num=4, batch_size=8, workers=0, device="cpu")
+    res = select_pool(load_card(random_teacher), pattern_folder, out, num=4, batch_size=8, workers=0, device="cpu",
+                      overwrite=True)
+    assert res.selected == 4 and json.loads((out / "run.json").read_text())["command"] == "select"
