@@ -557,6 +557,13 @@ def eval_(
         if result is None:  # a rank other than 0
             return
         if out:
+            from .rundir import write_manifest
+            from .teacher import teacher_inputs
+
+            inputs = {k.replace("teacher0", "model"): v for k, v in teacher_inputs([card]).items()}
+            write_manifest(out, "eval", {"batch_size": batch_size, "workers": workers, "device": device, "amp": amp},
+                           {**inputs, "data": data}, input_spec=result.input,
+                           summary={"images": result.num_images, "skipped": len(result.skipped), "top1": result.top1})
             emit(save_eval(result, out))
     names = result.classes
     err.print(table("per class", ["class", "images", "top-1"],

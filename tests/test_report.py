@@ -133,6 +133,9 @@ def test_pipeline_report_from_real_cli_outputs(tmp_path, pattern_folder, random_
                   "--unlabeled", str(pattern_folder), "--out", str(tmp_path / "pu" / "expand"), "--workers", "0"]):
         res = runner.invoke(app, args)
         assert res.exit_code == 0, res.output
+    manifest = json.loads((run / "eval" / "manifest.json").read_text())  # eval's run has one too (issue 22)
+    assert manifest["command"] == "eval" and manifest["input"]["size"] == [16, 16]
+    assert manifest["inputs"]["model"]["path"] == str((run / "distill" / "student.yaml").resolve())
     res = runner.invoke(app, ["report", str(run)])
     assert res.exit_code == 0, res.output
     page = (run / "report.html").read_text()
