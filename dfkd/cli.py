@@ -312,12 +312,14 @@ class _training_progress:
         return self.on_event
 
     def on_event(self, ev) -> None:
-        from .events import Decoded, Logged, Note, Opened, Started
+        from .events import Decoded, Logged, Note, Opened, Started, TeacherPass
 
         if isinstance(ev, Opened):
             self._update(0, None, log=self.config)
         elif isinstance(ev, Decoded):
             self._update(ev.done, ev.total, info="decoding images")
+        elif isinstance(ev, TeacherPass):
+            self._update(ev.done, ev.total, info="the teacher reads the training set")
         elif isinstance(ev, Note):
             self._update(0, None, log=ev.text)
         elif isinstance(ev, Started):

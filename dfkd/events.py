@@ -2,6 +2,7 @@
 
 A callback ``on_event(event)`` receives, in order: :class:`Opened` once the inputs are found and
 checked and the run directory is bound to them, :class:`Decoded` while the images are decoded,
+:class:`TeacherPass` while distill's teacher reads the training set once (unaugmented),
 :class:`Note` lines (where the set went, what the objective is), :class:`Started` once the
 loop knows its length, then one :class:`Logged` per metrics record (as in ``metrics.jsonl``).
 Only rank 0 reports.
@@ -24,6 +25,12 @@ class Decoded:
 
 
 @dataclass(frozen=True)
+class TeacherPass:
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
 class Note:
     text: str
 
@@ -40,5 +47,5 @@ class Logged:
     record: dict  # step, epoch, lr, images_per_s, the objective's named losses, val_top1 at epoch ends
 
 
-Event = Union[Opened, Decoded, Note, Started, Logged]
+Event = Union[Opened, Decoded, TeacherPass, Note, Started, Logged]
 OnEvent = Callable[[Event], None]

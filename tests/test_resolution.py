@@ -86,10 +86,16 @@ def test_distill_teacher_pass_takes_the_batch_from_the_user(tmp_path, pattern_fo
     if store == "disk cache":
         monkeypatch.setenv("DFKD_IN_MEMORY_BYTES", "1")
         monkeypatch.setenv("DFKD_CACHE_DIR", str(tmp_path / "cache"))
+    from dfkd.events import TeacherPass
+
     config = {**default_config(), "method": "kd", "batch_size": BATCH, "steps": 2, "amp": False}
+    events = []
     distill(load_card(random_teacher), "resnet8", pattern_folder, tmp_path / "distill", config, workers=0,
-            device="cpu", eval_data=pattern_folder)
+            device="cpu", eval_data=pattern_folder, on_event=events.append)
     _check(batches)
+    passes = [(e.done, e.total) for e in events if isinstance(e, TeacherPass)]  # its progress, batch by batch
+    n = passes[-1][1]
+    assert passes == [(min(i, n), n) for i in range(BATCH, n + BATCH, BATCH)] and n == 18
 
 
 def test_pu_train_and_expand_take_the_batch_from_the_user(tmp_path, pattern_folder, random_teacher, batches):

@@ -16,7 +16,7 @@ import yaml
 
 from ..cards import ModelCard, build_arch, input_record, load_card, load_model, save_card
 from ..errors import DfkdError
-from ..events import Note, OnEvent
+from ..events import Note, OnEvent, TeacherPass
 from ..images import labeled_paths, pool_paths
 from ..index import Rows, write_index
 from ..io import write_json, write_text
@@ -79,14 +79,18 @@ def read_data(paths: Sequence[str | Path]) -> Rows:
 
 
 def _finite_teacher(teacher: torch.nn.Module, data: ImageSet, card: ModelCard, device: torch.device,
-                    cfg: LoopConfig) -> tuple[ImageSet, torch.Tensor]:
+                    cfg: LoopConfig, on_event: OnEvent | None) -> tuple[ImageSet, torch.Tensor]:
     """One unaugmented teacher pass: images on which the teacher outputs NaN/inf are left out and
     recorded (as select does), never trained on. Returns the rest and the teacher's soft class
     counts on them (robust KD's y_k), summed batch by batch: the logits are not kept."""
     finite, counts = [], torch.zeros(card.num_classes, dtype=torch.float64)
+    done = 0
     for logits in batch_outputs(teacher, data, card.input, device, cfg):
         ok = torch.isfinite(logits).all(1)
         finite.append(ok)
+        done += len(ok)
+        if on_event:
+            on_event(TeacherPass(done, len(data)))
         counts += torch.softmax(logits[ok], 1).double().sum(0)
     ok = torch.cat(finite)
     if bool(ok.all()):
@@ -185,7 +189,8 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: str |
         train = decode_images(rows.paths, card.input, rows.labels, batch_size=loop.batch_size, workers=rt.workers, what="--data",
                               cache_dir=cache_dir, ranks=rt.ranks, on_event=on_event)
         train.skipped = rows.problems + train.skipped
-        train, counts = _finite_teacher(teacher.model, train, card, rt.device, loop)
+        train, counts = _finite_teacher(teacher.model, train, card, rt.device, loop,
+                                        on_event if rt.ranks.main else None)
         info["class_counts"] = counts.tolist()
         if rt.ranks.main:
             write_json(out / "class_counts.json", {"class_counts": info["class_counts"], "images": len(train)})
