@@ -418,7 +418,7 @@ def pu_train(
         ("unlabeled", r.unlabeled), ("skipped images", r.skipped), ("steps", r.steps),
         ("held-out positives scored positive", r.heldout_positive_recall),
         ("pool scored positive", r.pool_positive_share), ("prior", r.prior),
-        *([("prior estimated from", f"{r.prior_estimate.low:.4f}..{r.prior_estimate.high:.4f}")]
+        *([("prior range (estimate)", f"{r.prior_estimate.low:.4f}..{r.prior_estimate.high:.4f}")]
           if r.prior_estimate else [])]))
     emit(r.card)
 
