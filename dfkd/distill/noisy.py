@@ -42,14 +42,14 @@ def teacher_diagonal(num_classes: int, flag: float | None, info: dict, per_class
     if flag is not None:
         _check_accuracy([flag], "--set objective.accuracy")
         return torch.full((num_classes,), float(flag)), "--set objective.accuracy"
-    per_class = info.get("class_accuracy") if per_class else None
-    if per_class is not None:
-        per_class = [float(a) for a in per_class]
-        if len(per_class) != num_classes:
-            raise DfkdError(f"teacher card class_accuracy has {len(per_class)} entries but the "
+    card_class = info.get("class_accuracy") if per_class else None
+    if card_class is not None:
+        card_class = [float(a) for a in card_class]
+        if len(card_class) != num_classes:
+            raise DfkdError(f"teacher card class_accuracy has {len(card_class)} entries but the "
                             f"teacher has {num_classes} classes")
-        _check_accuracy(per_class, "teacher card class_accuracy")
-        return torch.tensor(per_class), "card class_accuracy"
+        _check_accuracy(card_class, "teacher card class_accuracy")
+        return torch.tensor(card_class), "card class_accuracy"
     if info.get("accuracy") is not None:
         _check_accuracy([float(info["accuracy"])], "teacher card accuracy")
         return torch.full((num_classes,), float(info["accuracy"])), "card accuracy"
