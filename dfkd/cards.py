@@ -4,7 +4,8 @@ Keys: ``arch`` (registry name, ``torchvision:<name>``, ``timm:<name>`` or
 ``python:<module>:<callable>``),
 ``arch_args`` (optional keyword arguments), ``num_classes``, ``weights`` (state_dict file,
 relative to the card) or ``torchscript`` (file), ``input`` (see :class:`InputSpec`), and
-optionally ``classes``, ``accuracy``, ``class_accuracy``. A TorchScript file alone is
+optionally ``classes``, ``accuracy``, ``class_accuracy``, ``noise_values`` (the noise value's
+quantiles on labeled data: :func:`dfkd.select.estimate.noise_summary`). A TorchScript file alone is
 accepted wherever a card is, with its input described by flags.
 
 How a model is fed is never assumed: ``input`` must give size, mean and std (flags may give or
@@ -33,7 +34,7 @@ from .models import ARCHS
 
 TRUST_CODE = "DFKD_TRUST_CODE"  # "1": python:<module>:<callable> arches may be imported and called
 CARD_KEYS = {"arch", "arch_args", "num_classes", "weights", "torchscript", "input", "classes",
-             "accuracy", "class_accuracy", "kind", "notes", "pu"}
+             "accuracy", "class_accuracy", "kind", "notes", "pu", "noise_values"}
 
 
 MAX_CLASSES = 100_000  # a larger num_classes is refused before a model is built (ImageNet-21k has 21,843)
@@ -112,7 +113,7 @@ def load_card(path: str | Path, input_overrides: dict | None = None) -> ModelCar
                      arch_args=dict(arch_args), classes=_classes(path, data.get("classes"), num_classes),
                      accuracy=_accuracy(path, "accuracy", data.get("accuracy")),
                      class_accuracy=_class_accuracy(path, data.get("class_accuracy"), num_classes),
-                     extra={k: data[k] for k in ("kind", "notes", "pu") if k in data})
+                     extra={k: data[k] for k in ("kind", "notes", "pu", "noise_values") if k in data})
     if isinstance(data.get("weights"), str) and data["weights"].lower() == "none":  # on purpose: untrained
         card.extra["untrained"] = True
     elif data.get("weights"):

@@ -183,8 +183,11 @@ def select(
     pool: Optional[Path] = typer.Option(None, help="Wild pool: a directory (scanned recursively) or an index file."
                                                    " Required unless --merge."),
     out: Path = typer.Option(..., help="Run directory to write scores/selected/skipped.tsv into."),
-    num_images: Optional[int] = typer.Option(None, help="Select this many images (without it or --ratio:"
-                                                        " every scored image, best first)."),
+    num_images: Optional[str] = typer.Option(None, help="Select this many images (without it or --ratio:"
+                                                        " every scored image, best first); auto: as many as"
+                                                        " the pool holds in-distribution, estimated from the"
+                                                        " noise values (against the card's, if eval"
+                                                        " --write-card stored them)."),
     ratio: Optional[float] = typer.Option(None, help="Select this share of the scored pool."),
     max_score: Optional[float] = typer.Option(None, "--max-score", "--max-noise",
                                               help="Keep only images whose score (of any --score) is <= this."),
@@ -214,6 +217,7 @@ def select(
     from .select import merge_shards, select_pool
 
     policy = policy or ("per-class" if per_class else "global")
+    num_images = _num_images(num_images)
     if merge:
         if teacher or pool or shard:
             raise DfkdError("--merge takes the teacher and pool from the shard runs: drop --teacher, --pool, --shard")
@@ -234,6 +238,10 @@ def select(
     err.print(table("select", ["", "images"], [("pool", result.pool_size), ("skipped", result.skipped),
                                               ("scored", result.scored), ("selected", result.selected)]))
     err.print("teacher %s: %s" % _manifest_input(out))
+    if result.estimate is not None:
+        e = result.estimate
+        err.print(f"in-distribution estimate ({e.method}): {e.count} of {e.scored} images ({e.share:.3f}),"
+                  f" range {e.low}..{e.high}; selected that many")
     if "selected" in result.files:
         err.print(table("selected per teacher class", ["class", "count"],
                         [(result.classes[c], n) for c, n in enumerate(result.class_counts)]))
@@ -244,6 +252,24 @@ def select(
         err.print(f"[yellow]{result.skipped} file(s) skipped[/]: see {result.files['skipped']}")
     _left_out(result.duplicates, result.files)
     emit(result.files.get("selected", result.files["scores"]))
+
+
+def _num_images(text: str | None) -> int | str | None:
+    if text is None or text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise DfkdError(f"--num-images {text!r}: expected a whole number or auto") from None
+
+
+def _prior(text: str | None) -> float | str | None:
+    if text is None or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise DfkdError(f"--prior {text!r}: expected a number in (0, 1) or auto") from None
 
 
 def _loop_flags(**flags) -> dict:
@@ -398,8 +424,9 @@ def pu_train(
     positive: Path = POSITIVE,
     unlabeled: Path = UNLABELED,
     out: Path = typer.Option(..., help="Run directory (pu.yaml, metrics.jsonl, checkpoints/)."),
-    prior: Optional[float] = typer.Option(None, help="Class prior: the share of the pool that is positive"
-                                                     " (nnpu.prior; required)."),
+    prior: Optional[str] = typer.Option(None, help="Class prior: the share of the pool that is positive"
+                                                   " (nnpu.prior; required), or auto: estimated from the"
+                                                   " positives and the pool (best bin estimation)."),
     backbone: Optional[str] = typer.Option(None, help="Backbone arch instead of the teacher's (random init;"
                                                       " model.backbone)."),
     taps: Optional[str] = typer.Option(None, help="Comma-separated backbone modules to tap (default: the stages;"
@@ -429,7 +456,7 @@ def pu_train(
 
     cfg = resolve_config(default_config(), config, set_, _loop_flags(
         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, seed=seed, positive_share=positive_share,
-        **{"nnpu.prior": prior, "nnpu.beta": beta, "nnpu.gamma": gamma, "model.backbone": backbone,
+        **{"nnpu.prior": _prior(prior), "nnpu.beta": beta, "nnpu.gamma": gamma, "model.backbone": backbone,
            "model.taps": taps, "model.reduction": reduction}))
     card = _card(teacher)
     from .cards import input_record
@@ -445,7 +472,9 @@ def pu_train(
         ("teacher weights loaded into the backbone", loaded), ("positives (training)", r.positives),
         ("unlabeled", r.unlabeled), ("skipped images", r.skipped), ("steps", r.steps),
         ("held-out positives scored positive", r.heldout_positive_recall),
-        ("pool scored positive", r.pool_positive_share), ("prior", r.prior)]))
+        ("pool scored positive", r.pool_positive_share), ("prior", r.prior),
+        *([("prior range (estimate)", f"{r.prior_estimate.low:.4f}..{r.prior_estimate.high:.4f}")]
+          if r.prior_estimate else [])]))
     emit(r.card)
 
 

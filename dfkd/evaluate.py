@@ -1,10 +1,12 @@
-"""``eval``: top-1/top-5, per-class accuracy and the confusion matrix of a model on labeled images."""
+"""``eval``: top-1/top-5, per-class accuracy and the confusion matrix of a model on labeled images,
+and the quantiles of its noise value there (what ``select --num-images auto`` compares a pool with)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .cards import ModelCard, input_record, update_card
@@ -13,6 +15,8 @@ from .errors import DfkdError
 from .images import open_labeled
 from .io import write_json
 from .runtime import setup
+from .select.estimate import noise_summary
+from .select.scores import noise_value
 from .teacher import load_teacher
 
 
@@ -28,6 +32,7 @@ class EvalResult:
     classes: list[str]
     input: dict  # how the model was fed and where that came from (dfkd.cards.input_record)
     model: str = ""  # the evaluated card's absolute path (report matches a student to its eval)
+    noise_values: dict | None = None  # noise_summary(): the noise value's quantiles
 
 
 def evaluate(card: ModelCard, data: str | Path, *, batch_size: int = 256, workers: int | None = None,
@@ -51,17 +56,19 @@ def evaluate(card: ModelCard, data: str | Path, *, batch_size: int = 256, worker
         if not torch.isfinite(logits[torch.tensor([not e for e in errors], dtype=torch.bool)]).all():
             raise DfkdError(f"{card.path}: the model produced NaN/inf outputs")
         top5 = (logits.topk(min(5, k), dim=1).indices == y[:, None]).any(1).tolist()
-        return list(zip(logits.argmax(1).tolist(), top5, y.tolist(), paths, errors))
+        noise = noise_value(logits.float()).tolist()
+        return list(zip(logits.argmax(1).tolist(), top5, y.tolist(), noise, paths, errors))
 
     confusion = torch.zeros(k, k, dtype=torch.long)
-    top5_hits, n, done, skipped = 0, 0, 0, list(index.problems)  # files the listing could not take
+    top5_hits, n, done, skipped, noise = 0, 0, 0, list(index.problems), []  # files the listing could not take
     for got in stream(teacher.model, card.input, lambda: iter(index.rows), len(index), rows, rt,
                       batch_size=batch_size):
-        for pred, hit, y, path, error in got:
+        for pred, hit, y, v, path, error in got:
             if error:
                 skipped.append({"path": path, "reason": error})
                 continue
             confusion[y, pred] += 1
+            noise.append(v)
             top5_hits += hit
             n += 1
         done += len(got)
@@ -76,7 +83,7 @@ def evaluate(card: ModelCard, data: str | Path, *, batch_size: int = 256, worker
     per_class = [int(confusion[i, i]) / int(support[i]) if support[i] else None for i in range(k)]
     return EvalResult(n, skipped, int(confusion.diag().sum()) / n, top5_hits / n if k > 5 else None,
                       per_class, support.tolist(), confusion.tolist(), card.class_names,
-                      input_record(card), str(card.path.resolve()))
+                      input_record(card), str(card.path.resolve()), noise_summary(np.array(noise)))
 
 
 def save_eval(result: EvalResult, out: str | Path) -> Path:
@@ -84,8 +91,10 @@ def save_eval(result: EvalResult, out: str | Path) -> Path:
 
 
 def write_accuracy_to_card(card: ModelCard, result: EvalResult) -> Path:
-    """Store overall and per-class accuracy in the card (DFND's noise-adaptation matrix uses them)."""
+    """Store overall and per-class accuracy in the card (DFND's noise-adaptation matrix uses them)
+    and the noise value's quantiles (``select --num-images auto`` compares the pool with them)."""
     if card.path.suffix.lower() not in (".yaml", ".yml"):
         raise DfkdError(f"--write-card: {card.path} is not a YAML card")
     per_class = [a if a is not None else result.top1 for a in result.class_accuracy]
-    return update_card(card.path, accuracy=round(result.top1, 6), class_accuracy=[round(a, 6) for a in per_class])
+    return update_card(card.path, accuracy=round(result.top1, 6), class_accuracy=[round(a, 6) for a in per_class],
+                       noise_values=result.noise_values)

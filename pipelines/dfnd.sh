@@ -4,7 +4,8 @@
 #   pipelines/dfnd.sh TEACHER_CARD[,TEACHER_CARD...] POOL OUT [TEST_DIR]
 #
 # Several comma-separated teacher cards make an ensemble (MEAL V2's averaged softmax).
-# Environment: NUM (images to select, default 2000), STUDENT (arch or card, default resnet8),
+# Environment: NUM (images to select, default 2000; auto: the pool's in-distribution count, estimated
+# from the noise values), STUDENT (arch or card, default resnet8),
 # CONFIG (distill YAML, default pipelines/configs/dfnd-default.yaml), EPOCHS or STEPS (override the
 # config), SEED (default 0), SELECT_ARGS / DISTILL_ARGS (extra flags, e.g. "--global").
 # Re-runnable: every step is run again and resumes where it stopped (a finished one is quick;
@@ -13,7 +14,7 @@
 # differs: use another OUT, or add --overwrite to that step's *_ARGS.
 # stdout: the student card's path.
 set -euo pipefail
-[ $# -ge 3 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
+[ $# -ge 3 ] || { sed -n '2,15p' "$0" >&2; exit 2; }
 pool=$2 out=$3 test=${4:-}
 teachers=()
 IFS=, read -ra cards <<< "$1"

@@ -6,6 +6,12 @@ has ``class_accuracy``, else the scalar ``accuracy`` for every class), off-diago
 own optimizer, declared by ``extra_param_groups()`` (default Adam, lr 1e-3 as in the
 reference), which the training loop builds and steps with the student's. With ``learn_diagonal=true``
 the diagonal is learned too (a sigmoid of a parameter starting at a), in θ's group.
+
+A card without accuracy is an error unless ``estimate_accuracy=true``: then a is estimated by the
+teacher's mean confidence, max_k softmax(z_T)_k, on the training images (per predicted class, or
+in all with ``per_class_accuracy=false``): its accuracy there if it is calibrated (Guo et al.,
+"On Calibration of Modern Neural Networks", ICML 2017, Sec. 2, which also shows modern networks
+overconfident, so an upper estimate). It is printed and recorded by ``describe()``.
 """
 from __future__ import annotations
 
@@ -25,31 +31,40 @@ def _check_accuracy(values: list[float], where: str) -> None:
             raise DfkdError(f"{where}: accuracy {a!r} is not in [0, 1]{hint}")
 
 
-def teacher_diagonal(num_classes: int, flag: float | None, info: dict,
-                     per_class: bool = True) -> tuple[Tensor, str]:
-    """Q's diagonal and where it came from: the flag, else card class_accuracy, else card accuracy.
+def teacher_diagonal(num_classes: int, flag: float | None, info: dict, per_class: bool = True,
+                     estimate: bool = False) -> tuple[Tensor | None, str]:
+    """Q's diagonal and where it came from: the flag, else card class_accuracy, else card accuracy,
+    else (``estimate``) the teacher's confidence on the training images, ``info["confidence"]``
+    (None before they are seen).
 
     ``per_class=False`` skips class_accuracy (the reference uses one scalar a for every class).
     """
     if flag is not None:
         _check_accuracy([flag], "--set objective.accuracy")
         return torch.full((num_classes,), float(flag)), "--set objective.accuracy"
-    per_class = info.get("class_accuracy") if per_class else None
-    if per_class is not None:
-        per_class = [float(a) for a in per_class]
-        if len(per_class) != num_classes:
-            raise DfkdError(f"teacher card class_accuracy has {len(per_class)} entries but the "
+    card_class = info.get("class_accuracy") if per_class else None
+    if card_class is not None:
+        card_class = [float(a) for a in card_class]
+        if len(card_class) != num_classes:
+            raise DfkdError(f"teacher card class_accuracy has {len(card_class)} entries but the "
                             f"teacher has {num_classes} classes")
-        _check_accuracy(per_class, "teacher card class_accuracy")
-        return torch.tensor(per_class), "card class_accuracy"
+        _check_accuracy(card_class, "teacher card class_accuracy")
+        return torch.tensor(card_class), "card class_accuracy"
     if info.get("accuracy") is not None:
         _check_accuracy([float(info["accuracy"])], "teacher card accuracy")
         return torch.full((num_classes,), float(info["accuracy"])), "card accuracy"
+    if estimate:
+        conf = info.get("confidence")
+        if conf is None:
+            return None, "the teacher's confidence"
+        a = torch.tensor(conf["class_mean"] if per_class else [conf["mean"]] * num_classes, dtype=torch.float32)
+        return a, f"the teacher's mean confidence on the training images (an estimate: {conf['mean']:.4f})"
     card = info.get("teacher_card") or "TEACHER.yaml"
     raise DfkdError(f"objective 'noisy' needs the teacher's accuracy for its noise-adaptation matrix, and"
                     f" {card} has neither class_accuracy nor accuracy: measure it on labeled images with"
                     f" `dfkd eval --model {card} --data LABELED_IMAGES --write-card`, or pass"
-                    " --set objective.accuracy=0.9 (a fraction in [0, 1])")
+                    " --set objective.accuracy=0.9 (a fraction in [0, 1]), or --set objective.estimate_accuracy=true"
+                    " (the teacher's mean confidence on the training images)")
 
 
 @register("noisy", paper="Chen et al. Learning Student Networks in the Wild. CVPR 2021 (DFND)")
@@ -58,7 +73,7 @@ class NoisyKD(Objective):
 
     OPTIONS = {"temperature": (float, 4.0), "lambda": (float, 1.0), "accuracy": (float, None),
                "per_class_accuracy": (bool, True), "learn_diagonal": (bool, False), "theta_lr": (float, 1e-3),
-               "theta_optimizer": (str, "adam")}
+               "theta_optimizer": (str, "adam"), "estimate_accuracy": (bool, False)}
 
     @classmethod
     def check(cls, opts: dict, num_classes: int, info: dict) -> None:
@@ -67,13 +82,16 @@ class NoisyKD(Objective):
         require(opts["theta_lr"] > 0, "theta_lr", opts["theta_lr"], "> 0")
         require(opts["theta_optimizer"] in OPTIMIZERS, "theta_optimizer", opts["theta_optimizer"],
                 "one of " + ", ".join(OPTIMIZERS))
-        teacher_diagonal(num_classes, opts["accuracy"], info, opts["per_class_accuracy"])  # Q's diagonal is known
+        teacher_diagonal(num_classes, opts["accuracy"], info, opts["per_class_accuracy"],
+                         opts["estimate_accuracy"])  # Q's diagonal is known, or will be
 
     def __init__(self, num_classes: int, cfg: dict | None = None, info: dict | None = None):
         super().__init__(num_classes, cfg, info)
         o = self.opts
         a, self.source = teacher_diagonal(self.num_classes, o["accuracy"], info or {},
-                                          o["per_class_accuracy"])
+                                          o["per_class_accuracy"], o["estimate_accuracy"])
+        if a is None:
+            raise ValueError("estimate_accuracy needs info['confidence'], the teacher's on the training images")
         self.theta = nn.Parameter(torch.zeros(self.num_classes, self.num_classes))
         if o["learn_diagonal"]:
             self.diag_logit = nn.Parameter(torch.logit(a.clamp(1e-4, 1 - 1e-4)))

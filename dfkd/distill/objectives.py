@@ -8,7 +8,9 @@ Contract (mdistiller-style). An objective is a ``torch.nn.Module`` built as
   coerced to the option's type, so raw command-line values are fine.
 * ``info``: facts found before training: ``class_accuracy`` (k floats or None), ``accuracy``
   (float or None), ``class_counts`` (k floats: the teacher's soft class counts on the training
-  data), ``teacher_card`` (its path, for messages). A missing key means None.
+  data), ``confidence`` ({"mean", "class_mean"}: the teacher's mean max softmax on the training
+  data, in all and per predicted class), ``teacher_card`` (its path, for messages). A missing key
+  means None; ``class_counts`` and ``confidence`` are missing when the options are checked.
 * ``forward(student_logits, teacher_logits, labels=None)`` returns a dict of named 0-d float
   tensors; ``"loss"`` is the total to back-propagate, the others are for logging only. The
   keys are the same on every batch. ``labels``: LongTensor, −1 where unknown, or None.

@@ -79,11 +79,14 @@ def read_data(paths: Sequence[str | Path]) -> Rows:
 
 
 def _finite_teacher(teacher: torch.nn.Module, data: ImageSet, card: ModelCard, device: torch.device,
-                    cfg: LoopConfig, on_event: OnEvent | None) -> tuple[ImageSet, torch.Tensor]:
+                    cfg: LoopConfig, on_event: OnEvent | None) -> tuple[ImageSet, torch.Tensor, dict]:
     """One unaugmented teacher pass: images on which the teacher outputs NaN/inf are left out and
-    recorded (as select does), never trained on. Returns the rest and the teacher's soft class
-    counts on them (robust KD's y_k), summed batch by batch: the logits are not kept."""
-    finite, counts = [], torch.zeros(card.num_classes, dtype=torch.float64)
+    recorded (as select does), never trained on. Returns the rest, the teacher's soft class
+    counts on them (robust KD's y_k), summed batch by batch (the logits are not kept), and its
+    mean confidence max_k p_k on them, in all and per predicted class (noisy KD's estimate_accuracy)."""
+    k = card.num_classes
+    finite, counts = [], torch.zeros(k, dtype=torch.float64)
+    conf_sum, conf_n = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
     done = 0
     for logits in batch_outputs(teacher, data, card.input, device, cfg):
         ok = torch.isfinite(logits).all(1)
@@ -91,16 +94,22 @@ def _finite_teacher(teacher: torch.nn.Module, data: ImageSet, card: ModelCard, d
         done += len(ok)
         if on_event:
             on_event(TeacherPass(done, len(data)))
-        counts += torch.softmax(logits[ok], 1).double().sum(0)
+        p = torch.softmax(logits[ok], 1).double()
+        counts += p.sum(0)
+        top, arg = p.max(1)
+        conf_sum.index_add_(0, arg, top)
+        conf_n.index_add_(0, arg, torch.ones_like(top))
+    mean = float(conf_sum.sum() / conf_n.sum().clamp_min(1))
+    confidence = {"mean": mean, "class_mean": torch.where(conf_n > 0, conf_sum / conf_n.clamp_min(1), mean).tolist()}
     ok = torch.cat(finite)
     if bool(ok.all()):
-        return data, counts
+        return data, counts, confidence
     bad = [{"path": data.paths[i], "reason": "teacher output is not finite (NaN/inf)"}
            for i in (~ok).nonzero().squeeze(1).tolist()]
     keep = ok.nonzero().squeeze(1)
     if len(keep) == 0:
         raise DfkdError(f"--teacher {card.path}: outputs NaN/inf on every one of the {len(data)} training images")
-    return data.subset(keep, data.skipped + bad), counts
+    return data.subset(keep, data.skipped + bad), counts, confidence
 
 
 def _student(student: str, teacher: ModelCard, device: torch.device) -> tuple[torch.nn.Module, str, dict]:
@@ -189,8 +198,8 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: str |
         train = decode_images(rows.paths, card.input, rows.labels, batch_size=loop.batch_size, workers=rt.workers, what="--data",
                               cache_dir=cache_dir, ranks=rt.ranks, on_event=on_event)
         train.skipped = rows.problems + train.skipped
-        train, counts = _finite_teacher(teacher.model, train, card, rt.device, loop,
-                                        on_event if rt.ranks.main else None)
+        train, counts, info["confidence"] = _finite_teacher(teacher.model, train, card, rt.device, loop,
+                                                            on_event if rt.ranks.main else None)
         info["class_counts"] = counts.tolist()
         if rt.ranks.main:
             write_json(out / "class_counts.json", {"class_counts": info["class_counts"], "images": len(train)})

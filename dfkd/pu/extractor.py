@@ -142,12 +142,16 @@ class MultiScaleSE(nn.Module):
             self.backbone.eval()  # a frozen backbone keeps its BatchNorm statistics
         return self
 
-    def features(self, x: Tensor) -> Tensor:
-        """The SE-gated concatenation of the pooled tapped feature maps, N x sum(widths)."""
+    def pooled(self, x: Tensor) -> Tensor:
+        """The concatenation of the pooled tapped feature maps, N x sum(widths), before the SE gate."""
         named = dict(self.backbone.named_modules())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
             seen = _capture(self.backbone, {t: named[t] for t in self.taps}, x)
-        return self.se(torch.cat([_pool(t, seen[t]) for t in self.taps], dim=1))
+        return torch.cat([_pool(t, seen[t]) for t in self.taps], dim=1)
+
+    def features(self, x: Tensor) -> Tensor:
+        """The SE-gated concatenation of the pooled tapped feature maps, N x sum(widths)."""
+        return self.se(self.pooled(x))
 
     def forward(self, x: Tensor) -> Tensor:
         """The PU score g(x), shape N: positive means 'looks like the original data'."""

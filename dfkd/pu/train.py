@@ -6,6 +6,8 @@ few, so they are repeated in the training set until they make ``positive_share``
 random batch then holds some (the reference's batches held about 3 positives in 4096).
 A share of the positives is held out to report, without any pool labels, how many of them the
 classifier accepts, next to the share of the pool it calls positive (compare with the prior).
+``prior: auto`` estimates the prior from the positives and the pool before training
+(dfkd/pu/prior.py) and records the estimate and its range in the card.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import yaml
 
 from ..cards import ModelCard, build_arch, input_record, load_card, read_state_dict
 from ..errors import DfkdError
-from ..events import OnEvent
+from ..events import Note, OnEvent
 from ..images import pool_paths
 from ..index import write_index
 from ..io import atomic_write, write_text
@@ -32,6 +34,7 @@ from ..train.loop import LoopConfig, outputs, run_loop
 from ..train.objective import Batch, LoopObjective
 from .extractor import MultiScaleSE, default_taps, load_backbone_weights
 from .nnpu import nnpu_risk
+from .prior import PriorEstimate, estimate_prior
 
 
 class NnpuObjective(LoopObjective):
@@ -93,10 +96,12 @@ class PuConfig(LoopConfig):
         super().check()
         prior = self.nnpu["prior"]
         if prior is None:
-            raise DfkdError("--prior is required: the share of the pool that is positive (or nnpu.prior in --config)")
-        if isinstance(prior, bool) or not isinstance(prior, (int, float)):
-            raise DfkdError(f"--prior {prior!r}: expected a number in (0, 1)")
-        nnpu_risk(torch.zeros(1), torch.zeros(1), prior, self.nnpu["beta"], self.nnpu["gamma"])  # checks all three
+            raise DfkdError("--prior is required: the share of the pool that is positive, or auto to estimate it"
+                            " (or nnpu.prior in --config)")
+        if prior != "auto" and (isinstance(prior, bool) or not isinstance(prior, (int, float))):
+            raise DfkdError(f"--prior {prior!r}: expected a number in (0, 1) or auto")
+        nnpu_risk(torch.zeros(1), torch.zeros(1), 0.5 if prior == "auto" else prior, self.nnpu["beta"],
+                  self.nnpu["gamma"])  # checks all three
         if not isinstance(self.model["reduction"], int) or self.model["reduction"] < 1:
             raise DfkdError(f"--reduction {self.model['reduction']!r}: must be a whole number of at least 1")
         if not 0 <= self.positive_share < 1:
@@ -126,6 +131,7 @@ class PuResult:
     unlabeled: int
     skipped: int
     resumed_from: int
+    prior_estimate: PriorEstimate | None = None  # prior: auto
 
 
 def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, out: str | Path,
@@ -138,7 +144,6 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
     cfg = config if isinstance(config, PuConfig) else PuConfig(**config)
     cfg.check()
     prior, beta, gamma = (cfg.nnpu[k] for k in ("prior", "beta", "gamma"))
-    objective = NnpuObjective(prior, beta, gamma)
     rt = setup(device, cfg.amp, workers, training=True)
     cfg = replace(cfg, amp=rt.amp)
     backbone = cfg.model["backbone"]
@@ -168,6 +173,15 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
             if not bool(decoded.any()):
                 raise DfkdError(f"{flag} {listed.source}: none of the {len(listed)} images could be decoded")
         pos_rows, unl_rows = is_pos.nonzero().squeeze(1), (~is_pos).nonzero().squeeze(1)  # positions in both
+        estimate = None
+        if prior == "auto":  # on the features before training: the teacher's, not ones fitted to this prior
+            features = outputs(_Pooled(model), both, spec, rt.device, cfg)
+            estimate = estimate_prior(features[pos_rows], features[unl_rows], cfg.seed)
+            prior = estimate.prior
+            if on_event and rt.ranks.main:
+                on_event(Note(f"prior estimated: {prior:.4f} (range {estimate.low:.4f}..{estimate.high:.4f})"
+                              f" by {estimate.method}"))
+        objective = NnpuObjective(prior, beta, gamma)
         skipped = positives.problems + pool.problems + both.skipped
         if rt.ranks.main:
             write_index(out / "skipped.tsv", skipped, ["path", "reason"])
@@ -192,16 +206,29 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
                 "input": spec.to_dict(), "arch_args": arch_args or None,
                 "pu": {"taps": model.taps, "reduction": cfg.model["reduction"], "prior": prior,
                        "teacher": str(teacher.path.resolve()), "heldout_positive_recall": recall,
-                       "pool_positive_share": share, "teacher_keys_loaded": loaded, "backbone_keys": keys}}
+                       "pool_positive_share": share, "teacher_keys_loaded": loaded, "backbone_keys": keys,
+                       "prior_estimate": estimate.to_dict() if estimate else None}}
         card_path = write_text(out / "pu.yaml", yaml.safe_dump({k: v for k, v in card.items() if v is not None},
                                                                sort_keys=False))
         write_manifest(out, "pu-train", {**options, "positive_repeat": repeat},
                        {**teacher_inputs([teacher]), "positive": positives.source, "unlabeled": pool.source},
                        input_spec=input_record(teacher),
                        summary={"heldout_positive_recall": recall, "pool_positive_share": share,
-                                "teacher_keys_loaded": loaded, "backbone_keys": keys})
+                                "teacher_keys_loaded": loaded, "backbone_keys": keys, "prior": prior,
+                                "prior_estimate": estimate.to_dict() if estimate else None})
         return PuResult(card_path, result.steps, loaded, keys, recall, share, prior, len(fit), len(unl_rows),
-                        len(skipped), result.resumed_from)
+                        len(skipped), result.resumed_from, estimate)
+
+
+class _Pooled(torch.nn.Module):
+    """The PU model's pooled multi-scale features (before the SE gate) as its output."""
+
+    def __init__(self, model: MultiScaleSE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.pooled(x)
 
 
 def positive_repeat(share: float, unlabeled: int, positives: int) -> int:

@@ -13,7 +13,7 @@ union of the slices, with the same result as one run.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -31,6 +31,7 @@ from ..teacher import Teacher, card_files, load_teacher, teacher_inputs
 from .candidates import (SLACK, THUMB, Look, check_dedup, digests_of, drop_duplicates, teacher_look, thumb_array,
                          thumb_text, thumbnail)
 from .dedup import NEAR_DUPLICATE_COSINE
+from .estimate import InDistribution, estimate_in_distribution
 from .policies import POLICIES, StreamingChoice
 from .scores import SCORERS
 
@@ -63,6 +64,7 @@ class SelectResult:
     classes: list[str] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
     duplicates: int = 0  # candidates left out as duplicates (listed in files["duplicates"])
+    estimate: InDistribution | None = None  # --num-images auto: the in-distribution count it selected
 
 
 def quantiles(values: np.ndarray) -> dict[str, float]:
@@ -74,10 +76,11 @@ def quantiles(values: np.ndarray) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Budget:
-    """What to select from the scored pool: ``num`` images or a ``ratio`` of it (neither: every
-    image), only those scoring at most ``max_score``, spent by ``policy``."""
+    """What to select from the scored pool: ``num`` images (``"auto"``: as many as the pool holds
+    in-distribution, estimated from the noise values) or a ``ratio`` of it (neither: every image),
+    only those scoring at most ``max_score``, spent by ``policy``."""
 
-    num: int | None = None
+    num: int | str | None = None
     ratio: float | None = None
     max_score: float | None = None
     policy: str = "per-class"
@@ -87,7 +90,9 @@ class Budget:
     def __post_init__(self) -> None:
         if self.num is not None and self.ratio is not None:
             raise DfkdError("give at most one of --num-images and --ratio")
-        if self.num is not None and self.num < 1:
+        if isinstance(self.num, str) and self.num != "auto":
+            raise DfkdError(f"--num-images {self.num!r}: expected a whole number or auto")
+        if isinstance(self.num, int) and self.num < 1:
             raise DfkdError(f"--num-images {self.num}: must be at least 1")
         if self.ratio is not None and not 0 < self.ratio <= 1:
             raise DfkdError(f"--ratio {self.ratio}: must be in (0, 1]")
@@ -139,7 +144,7 @@ def score_pool(teacher: Teacher, pool: str | Path, run: RunDir, rt: Runtime, *, 
 
 
 def select_pool(teachers: ModelCard | Sequence[ModelCard], pool: str | Path, out: str | Path, *,
-                num: int | None = None, ratio: float | None = None, max_score: float | None = None,
+                num: int | str | None = None, ratio: float | None = None, max_score: float | None = None,
                 policy: str = "per-class", dedup: str = "near", near: float | None = None,
                 score: str = "noise", batch_size: int = 256, workers: int | None = None, device: str = "auto",
                 amp: bool | None = None, seed: int = 0, shard: tuple[int, int] | None = None,
@@ -151,8 +156,10 @@ def select_pool(teachers: ModelCard | Sequence[ModelCard], pool: str | Path, out
     With ``shard=(i, n)`` only the i-th of n slices is scored (scores.tsv and skipped.tsv, no
     selection); :func:`merge_shards` selects from the shards. ``dedup`` ("near", "exact", "off")
     drops exact duplicates and near ones (cosine of their thumbnails >= ``near``, default
-    :data:`~dfkd.select.dedup.NEAR_DUPLICATE_COSINE`) before the budget is spent."""
+    :data:`~dfkd.select.dedup.NEAR_DUPLICATE_COSINE`) before the budget is spent. ``num="auto"``
+    selects the estimated in-distribution count (:mod:`dfkd.select.estimate`)."""
     budget = Budget(num, ratio, max_score, policy, dedup, NEAR_DUPLICATE_COSINE if near is None else near)
+    _check_auto(budget, score)
     if score not in SCORERS:
         raise DfkdError(f"--score {score!r}: expected one of {', '.join(SCORERS.keys())}")
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
@@ -169,10 +176,10 @@ def select_pool(teachers: ModelCard | Sequence[ModelCard], pool: str | Path, out
                        shard=list(shard) if shard else None, **rt.options())
         inputs = teacher_inputs(teacher.cards)
         return finish([segment], teacher.card, Path(out), budget if shard is None else None, options,
-                      {**inputs, "pool": pool}, _reader(teacher, rt, batch_size))
+                      {**inputs, "pool": pool}, _reader(teacher, rt, batch_size), _reference(teacher.cards))
 
 
-def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path, *, num: int | None = None,
+def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path, *, num: int | str | None = None,
                  ratio: float | None = None, max_score: float | None = None, policy: str = "per-class",
                  dedup: str = "near", near: float | None = None, batch_size: int = 256,
                  workers: int | None = None, device: str = "auto", amp: bool | None = None,
@@ -194,6 +201,7 @@ def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path, *, num: int 
     for meta, d in shards:
         if {k: v for k, v in meta["identity"].items() if k != "shard"} != same:
             raise DfkdError(f"--merge {d}: scored another pool, teacher or score than {shards[0][1]}")
+    _check_auto(budget, same["score"])
     found = [m["shard"][0] for m, _ in shards]
     if found != list(range(n)) or any(m["shard"][1] != n for m, _ in shards):
         missing = sorted(set(range(n)) - set(found))
@@ -223,7 +231,7 @@ def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path, *, num: int 
             return _reader(load_teacher(cards, rt.device), rt, batch_size).read(paths, features)
 
         return finish(segments, card, Path(out), budget, options, teacher_inputs(cards),
-                      Reader(read, str(resolve_device(device))))
+                      Reader(read, str(resolve_device(device))), _reference(cards))
 
 
 def _reader(teacher: Teacher, rt: Runtime, batch_size: int) -> Reader:
@@ -231,17 +239,31 @@ def _reader(teacher: Teacher, rt: Runtime, batch_size: int) -> Reader:
                   str(rt.device))
 
 
+def _check_auto(budget: Budget, score: str) -> None:
+    if budget.num == "auto" and score != "noise":
+        raise DfkdError(f"--num-images auto: estimates from the noise value; drop --score {score} or give a number")
+
+
+def _reference(cards: Sequence[ModelCard]) -> tuple[dict | None, str]:
+    """The noise-value quantiles ``eval --write-card`` stored in a single teacher's card (an
+    ensemble's averaged softmax has none), and the card's path for messages."""
+    return (cards[0].extra.get("noise_values") if len(cards) == 1 else None), str(cards[0].path)
+
+
 def _is_shard(d: Path) -> bool:
     return (d / ".scoring" / "shard.json").is_file()
 
 
 def finish(segments: list[Segment], card: ModelCard, out: Path, budget: Budget | None, options: dict,
-           inputs: dict, reader: Reader | None = None) -> SelectResult:
+           inputs: dict, reader: Reader | None = None,
+           reference: tuple[dict | None, str] = (None, "")) -> SelectResult:
     """Write scores.tsv, skipped.tsv and (with a ``budget``; a shard has none) selected.tsv from
     the scored rows, streaming: the pool's scores are held as float32 (4 bytes an image), rows
     only if chosen. When duplicates are dropped or the policy needs features, the candidates are
     read again by ``reader`` (:func:`~dfkd.select.candidates.teacher_look`) and the duplicates are
-    listed in duplicates.tsv. ``options`` and ``inputs`` go to the manifest."""
+    listed in duplicates.tsv. ``options`` and ``inputs`` go to the manifest. A budget of
+    ``num="auto"`` is the in-distribution count estimated in one more pass over the rows, against
+    ``reference`` (:func:`_reference`) when it holds quantiles."""
     values = np.fromiter((r[1] for s in segments for r in s.rows if not r[3]), dtype=np.float32)
     if len(values) == 0:
         skipped = [{"path": row["path"], "reason": r[3]} for s in segments for row, r in s]
@@ -250,6 +272,14 @@ def finish(segments: list[Segment], card: ModelCard, out: Path, budget: Budget |
                         f" in {out / 'skipped.tsv'})")
     select = budget is not None
     budget = budget or Budget()
+    estimate = None
+    if budget.num == "auto":
+        estimate = estimate_in_distribution(((r[0], r[1]) for s in segments for r in s.rows if not r[3]),
+                                            card.num_classes, *reference)
+        if estimate.count < 1:
+            raise DfkdError(f"--num-images auto: no pool image looks in-distribution to the teacher"
+                            f" ({estimate.method} estimate 0 of {estimate.scored}); give --num-images N")
+        budget = replace(budget, num=estimate.count)
     max_score = budget.max_score
     policy, k = POLICIES.get(budget.policy), budget.k(len(values))
     second_look = select and (budget.dedup != "off" or policy.needs_features)
@@ -288,10 +318,13 @@ def finish(segments: list[Segment], card: ModelCard, out: Path, budget: Budget |
                "class_counts": counts}
     if "duplicates" in files:
         summary["duplicates"] = dropped
+    if estimate is not None:
+        summary["in_distribution"] = estimate.to_dict()
     files["manifest"] = write_manifest(out, "select", options, inputs, input_spec=input_record(card),
                                        summary=summary)
     return SelectResult(out, pool_size, len(values), len(skipped), len(picked), counts, quantiles(values),
-                        quantiles(np.array([r["score"] for r in picked])), card.class_names, files, dropped)
+                        quantiles(np.array([r["score"] for r in picked])), card.class_names, files, dropped,
+                        estimate)
 
 
 def _second_look(choice: StreamingChoice, budget: Budget, needs_features: bool, reader: Reader, out: Path,
