@@ -254,22 +254,22 @@ def select(
     emit(result.files.get("selected", result.files["scores"]))
 
 
-def _num_images(text: str | None) -> int | str | None:
+def _or_auto(text: str | None, kind: type, flag: str, expected: str) -> int | float | str | None:
+    """A flag that takes a number of ``kind`` or ``auto`` (an estimate)."""
     if text is None or text == "auto":
         return text
     try:
-        return int(text)
+        return kind(text)
     except ValueError:
-        raise DfkdError(f"--num-images {text!r}: expected a whole number or auto") from None
+        raise DfkdError(f"{flag} {text!r}: expected {expected} or auto") from None
+
+
+def _num_images(text: str | None) -> int | str | None:
+    return _or_auto(text, int, "--num-images", "a whole number")
 
 
 def _prior(text: str | None) -> float | str | None:
-    if text is None or text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise DfkdError(f"--prior {text!r}: expected a number in (0, 1) or auto") from None
+    return _or_auto(text, float, "--prior", "a number in (0, 1)")
 
 
 def _loop_flags(**flags) -> dict:

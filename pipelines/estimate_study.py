@@ -9,7 +9,6 @@ Fashion-MNIST, seed 0) for `dfkd pu-train --prior auto`, and prints one JSON lin
 true in-distribution count and share, and `select --num-images auto`'s estimate by both methods
 (card: against the card's noise_values; mixture: without them). Only for the demo data.
 """
-import csv
 import json
 import os
 import sys
@@ -19,14 +18,8 @@ import numpy as np
 from dfkd.cards import load_card
 from dfkd.select.estimate import estimate_in_distribution
 
-
-def read(path):
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    base = os.path.dirname(os.path.abspath(path))
-    for r in rows:
-        r["path"] = os.path.realpath(os.path.join(base, r["path"]))
-    return rows
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from truth import read  # noqa: E402  (an index's rows, paths resolved)
 
 
 def main(select_run, truth_path, card_path, out):
