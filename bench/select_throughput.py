@@ -148,13 +148,13 @@ def main(argv=None) -> None:
         # Warm-up select on a few batches (imports, first-call allocations), then the real runs.
         warm = tmp / "warm.tsv"
         warm.write_text("path\n" + "".join(p + "\n" for p in paths[: 2 * args.batch_size]))
-        select_pool(card, warm, tmp / "sel-warm", num=10, batch_size=args.batch_size, workers=0, device=str(dev),
+        select_pool(card, warm, tmp / "sel-warm", num_images=10, batch_size=args.batch_size, workers=0, device=str(dev),
                     amp=amp)
 
         def run_select(w: int):
             out = tmp / f"sel-w{w}"
             shutil.rmtree(out, ignore_errors=True)
-            select_pool(card, index, out, num=max(1, n // 2), batch_size=args.batch_size, workers=w,
+            select_pool(card, index, out, num_images=max(1, n // 2), batch_size=args.batch_size, workers=w,
                         device=str(dev), amp=amp)
 
         rows = [(f"decode_images (PIL), {default_w} workers", timed(lambda: decode_images(

@@ -79,6 +79,28 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+CardLike = ModelCard | str | Path  # what the API takes where a card is expected: a loaded card or its path
+
+
+def as_cards(given: CardLike | list[CardLike], flag: str) -> list[ModelCard]:
+    """``given`` (a card, a card's path, or a list of either) as loaded cards; a path that does
+    not load ends with one line naming ``flag``."""
+    out = []
+    for c in [given] if isinstance(given, (ModelCard, str, Path)) else list(given):
+        if isinstance(c, ModelCard):
+            out.append(c)
+            continue
+        if not isinstance(c, (str, Path)):
+            raise DfkdError(f"{flag} {c!r}: expected a model card (dfkd.load_card) or its path")
+        try:
+            out.append(load_card(c))
+        except DfkdError as e:
+            raise DfkdError(f"{flag} {e}") from None
+    if not out:
+        raise DfkdError(f"{flag}: no model card given")
+    return out
+
+
 def load_card(path: str | Path, input_overrides: dict | None = None) -> ModelCard:
     """Read and check a card (or a bare TorchScript file); no weights are loaded yet.
     ``input_overrides``: input keys given by flags, over the card's ``input:``."""

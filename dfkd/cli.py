@@ -4,7 +4,6 @@ stdout carries only what a shell pipeline should read (the path of the main file
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -36,9 +35,9 @@ INPUT_STD = typer.Option(None, "--input-std", help="Normalisation std per channe
 # Training commands share their loop flags (each overrides the config key of the same name).
 EPOCHS = typer.Option(None, help="Epochs (overrides the config).")
 STEPS = typer.Option(None, help="Train for this many steps instead of epochs.")
-DEDUP = typer.Option("near", help="Before the budget is spent, drop duplicates: near (the same bytes, or"
+DEDUP = typer.Option(None, help="Before the budget is spent, drop duplicates: near (the same bytes, or"
                                   " thumbnails with cosine >= --near-duplicate), exact (the same bytes), off."
-                                  " Dropped rows are listed in duplicates.tsv.")
+                                  " Dropped rows are listed in duplicates.tsv. Default near.")
 NEAR_DUPLICATE = typer.Option(None, "--near-duplicate", help="Cosine of two images' 8x8 thumbnails from which they"
                                                             " count as near duplicates (default 0.995).")
 BATCH_SIZE = typer.Option(None, help="Global batch size (overrides the config); under torchrun each of N ranks"
@@ -48,7 +47,12 @@ TENSORBOARD = typer.Option(False, "--tensorboard", help="Also log the training m
 CACHE_DIR = typer.Option(None, "--cache-dir", help="Where a training set too large for memory is decoded to"
                                                    " (default $DFKD_CACHE_DIR or ~/.cache/dfkd); reused by later runs.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Start afresh in an --out that holds a run with other inputs.")
-CONFIG = typer.Option(None, help="YAML file of settings (e.g. pipelines/configs/*.yaml).")
+CONFIG = typer.Option(None, help="YAML file of settings (e.g. pipelines/configs/*.yaml); a file with sections"
+                                 " per command (select:, distill:, ...) gives this command its section.")
+SELECT_CONFIG = typer.Option(None, "--config", help="YAML file of select's settings (num_images, policy, score,"
+                                                    " dedup, ...), or a recipe with a select: section.")
+EXPAND_CONFIG = typer.Option(None, "--config", help="YAML file of expand's settings (threshold, num_images, dedup,"
+                                                    " ...), or a recipe with an expand: section.")
 SET = typer.Option([], "--set", help="Override a setting: key=value (repeatable; objective.<opt>=value).")
 TRAIN_AMP = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default: on for CUDA and for CPUs with"
                                                         " native bf16, AVX512-BF16 or AMX; off on others).")
@@ -191,50 +195,50 @@ def select(
     ratio: Optional[float] = typer.Option(None, help="Select this share of the scored pool."),
     max_score: Optional[float] = typer.Option(None, "--max-score", "--max-noise",
                                               help="Keep only images whose score (of any --score) is <= this."),
-    per_class: bool = typer.Option(True, "--per-class/--global",
-                                   help="Balanced quota per predicted class (default) or the paper's global top-k."),
-    score: str = typer.Option("noise", help="Scorer: noise (DFND), entropy, energy, random."),
+    per_class: Optional[bool] = typer.Option(None, "--per-class/--global",
+                                             help="Balanced quota per predicted class (default) or the paper's"
+                                                  " global top-k."),
+    score: Optional[str] = typer.Option(None, help="Scorer: noise (DFND, default), entropy, energy, random."),
     policy: Optional[str] = typer.Option(None, help="Policy (dfkd list policies); overrides --per-class/--global:"
                                                     " e.g. diverse (per-class, spread over k-means clusters)."),
-    dedup: str = DEDUP,
+    dedup: Optional[str] = DEDUP,
     near_duplicate: Optional[float] = NEAR_DUPLICATE,
-    batch_size: int = typer.Option(256, help="Images per batch (per rank under torchrun)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per batch (per rank under torchrun; default 256)."),
     shard: Optional[str] = typer.Option(None, help="Score only slice I of N of the pool (I/N, from 0): for cluster"
                                                    " jobs without torchrun; then select with --merge."),
     merge: List[Path] = typer.Option([], help="Select from finished --shard runs (repeatable; a folder holding"
                                               " them all will do) instead of scoring."),
+    config: Optional[Path] = SELECT_CONFIG,
+    set_: List[str] = SET,
     overwrite: bool = OVERWRITE,
     workers: Optional[int] = WORKERS,
     device: str = DEVICE,
     amp: Optional[bool] = AMP,
-    seed: int = typer.Option(0, help="Seed (random scorer)."),
+    seed: Optional[int] = typer.Option(None, help="Seed (random scorer; default 0)."),
     input_size: Optional[int] = INPUT_SIZE,
     input_channels: Optional[int] = INPUT_CHANNELS,
     input_mean: Optional[str] = INPUT_MEAN,
     input_std: Optional[str] = INPUT_STD,
 ) -> None:
     """Score every pool image with the teacher and select the most useful ones (DFND)."""
-    from .select import merge_shards, select_pool
+    from .config import resolve
+    from .select import SelectConfig, merge_shards, select_pool
 
-    policy = policy or ("per-class" if per_class else "global")
-    num_images = _num_images(num_images)
+    cfg = resolve(SelectConfig, config, set_, dict(
+        num_images=_num_images(num_images), ratio=ratio, max_score=max_score, score=score, dedup=dedup,
+        near_duplicate=near_duplicate, batch_size=batch_size, seed=seed,
+        policy=policy or (None if per_class is None else "per-class" if per_class else "global")), command="select")
     if merge:
         if teacher or pool or shard:
             raise DfkdError("--merge takes the teacher and pool from the shard runs: drop --teacher, --pool, --shard")
-        result = merge_shards(merge, out, num=num_images, ratio=ratio, max_score=max_score, policy=policy,
-                              dedup=dedup, near=near_duplicate, batch_size=batch_size, workers=workers,
-                              device=device, amp=amp, overwrite=overwrite)
+        result = merge_shards(merge, out, cfg, workers=workers, device=device, amp=amp, overwrite=overwrite)
     else:
         if not teacher or pool is None:
             raise DfkdError("--teacher and --pool are required (or --merge SHARD_RUNS)")
         cards = [_card(t, input_size, input_channels, input_mean, input_std) for t in teacher]
         with progress("scoring") as update:
-            result = select_pool(cards, pool, out, num=num_images, ratio=ratio, max_score=max_score,
-                                 policy=policy, dedup=dedup, near=near_duplicate, score=score,
-                                 batch_size=batch_size, workers=workers, device=device, amp=amp, seed=seed,
-                                 shard=_shard(shard), overwrite=overwrite, on_progress=lambda d, t: update(d, t))
-    if result is None:  # a rank other than 0
-        return
+            result = select_pool(cards, pool, out, cfg, shard=_shard(shard), workers=workers, device=device, amp=amp,
+                                 overwrite=overwrite, on_progress=lambda d, t: update(d, t))
     err.print(table("select", ["", "images"], [("pool", result.pool_size), ("skipped", result.skipped),
                                               ("scored", result.scored), ("selected", result.selected)]))
     err.print("teacher %s: %s" % _manifest_input(out))
@@ -247,7 +251,7 @@ def select(
                         [(result.classes[c], n) for c, n in enumerate(result.class_counts)]))
     qs = result.score_quantiles
     chosen = [("selected", *result.selected_quantiles.values())] if result.selected_quantiles else []  # a --shard: none
-    err.print(table(f"{score} score", ["", *qs], [("pool", *qs.values()), *chosen]))
+    err.print(table(f"{cfg.score} score", ["", *qs], [("pool", *qs.values()), *chosen]))
     if result.skipped:
         err.print(f"[yellow]{result.skipped} file(s) skipped[/]: see {result.files['skipped']}")
     _left_out(result.duplicates, result.files)
@@ -301,19 +305,16 @@ def train(
     cache_dir: Optional[Path] = CACHE_DIR,
 ) -> None:
     """Train a classifier with cross-entropy (a teacher for the demo, or a baseline)."""
-    from .config import resolve_config
+    from .config import resolve
     from .train.classifier import train_classifier
     from .train.loop import LoopConfig
 
-    cfg = resolve_config(asdict(LoopConfig()), config, set_, _loop_flags(
-        epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, seed=seed))
-    loop = LoopConfig(**cfg)
-    with _training_progress(table("config", ["key", "value"], cfg.items())) as on_event:
+    loop = resolve(LoopConfig, config, set_, _loop_flags(
+        epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, seed=seed), command="train")
+    with _training_progress(table("config", ["key", "value"], asdict(loop).items())) as on_event:
         result = train_classifier(arch, data, out, loop, size=size, channels=channels, val_split=val_split,
                                   workers=workers, device=device, overwrite=overwrite, tensorboard=tensorboard,
                                   cache_dir=cache_dir, on_event=on_event)
-    if result is None:  # a rank other than 0
-        return
     rows = [("steps", result.steps), ("validation top-1 (last)", result.val_top1),
             ("validation top-1 (best)", result.best["val_top1"] if result.best else None),
             ("skipped images", result.skipped), _manifest_input(out)]
@@ -396,7 +397,7 @@ def distill(
 
     cfg = resolve_config(default_config(), config, set_, _loop_flags(
         method=method, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, seed=seed,
-        **{"objective.temperature": temperature}))
+        **{"objective.temperature": temperature}), command="distill")
     cards = [_card(t, input_size, input_channels, input_mean, input_std) for t in teacher]
     from .cards import input_record
 
@@ -405,8 +406,6 @@ def distill(
         result = run_distill(cards, student, data, out, cfg, eval_data=eval_data, workers=workers,
                              device=device, overwrite=overwrite, tensorboard=tensorboard, cache_dir=cache_dir,
                              on_event=on_event)
-    if result is None:  # a rank other than 0
-        return
     rows = [("objective", result.description), ("images", result.images), ("skipped images", result.skipped),
             ("steps", result.steps), *[(f"last {k}", v) for k, v in result.last.items()
                                        if k not in ("step", "epoch", "lr")]]
@@ -457,7 +456,7 @@ def pu_train(
     cfg = resolve_config(default_config(), config, set_, _loop_flags(
         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, seed=seed, positive_share=positive_share,
         **{"nnpu.prior": _prior(prior), "nnpu.beta": beta, "nnpu.gamma": gamma, "model.backbone": backbone,
-           "model.taps": taps, "model.reduction": reduction}))
+           "model.taps": taps, "model.reduction": reduction}), command="pu-train")
     card = _card(teacher)
     from .cards import input_record
 
@@ -465,8 +464,6 @@ def pu_train(
     with _training_progress(table("config", ["key", "value"], rows)) as on_event:
         r = run_pu(card, positive, unlabeled, out, cfg, workers=workers, device=device, overwrite=overwrite,
                    tensorboard=tensorboard, cache_dir=cache_dir, on_event=on_event)
-    if r is None:  # a rank other than 0
-        return
     loaded = "none (random init)" if r.teacher_keys_loaded is None else f"{r.teacher_keys_loaded} of {r.backbone_keys}"
     err.print(table("pu-train", ["", "value"], [
         ("teacher weights loaded into the backbone", loaded), ("positives (training)", r.positives),
@@ -484,28 +481,31 @@ def expand(
     positive: Path = POSITIVE,
     unlabeled: Path = UNLABELED,
     out: Path = typer.Option(..., help="Run directory (expanded.tsv, pu_scores.tsv, duplicates.tsv, skipped.tsv)."),
-    threshold: float = typer.Option(0.0, help="Keep pool images with g(x) > threshold (reference: 0)."),
+    threshold: Optional[float] = typer.Option(None, help="Keep pool images with g(x) > threshold (default and"
+                                                         " reference: 0)."),
     num_images: Optional[int] = typer.Option(None, help="Keep the top N pool images instead of a threshold."),
+    config: Optional[Path] = EXPAND_CONFIG,
+    set_: List[str] = SET,
     overwrite: bool = OVERWRITE,
-    repeat_positive: int = typer.Option(1, help="Write the positives this many times."),
+    repeat_positive: Optional[int] = typer.Option(None, help="Write the positives this many times (default 1)."),
     teacher: Optional[Path] = typer.Option(None, help="Teacher card for per-class counts (default: the PU card's)."),
-    dedup: str = DEDUP,
+    dedup: Optional[str] = DEDUP,
     near_duplicate: Optional[float] = NEAR_DUPLICATE,
-    batch_size: int = typer.Option(256),
+    batch_size: Optional[int] = typer.Option(None, help="Images per batch (per rank under torchrun; default 256)."),
     workers: Optional[int] = WORKERS,
     device: str = DEVICE,
     amp: Optional[bool] = AMP,
 ) -> None:
     """Build PU Compression's expanded dataset: positives plus the pool images the PU classifier accepts."""
-    from .pu.expand import expand as run_expand
+    from .config import resolve
+    from .pu.expand import ExpandConfig, expand as run_expand
 
+    cfg = resolve(ExpandConfig, config, set_, dict(
+        threshold=threshold, num_images=num_images, repeat_positive=repeat_positive, dedup=dedup,
+        near_duplicate=near_duplicate, batch_size=batch_size), command="expand")
     with progress("scoring") as update:
-        r = run_expand(pu, positive, unlabeled, out, threshold=threshold, num=num_images,
-                       repeat_positive=repeat_positive, dedup=dedup, near=near_duplicate, teacher=teacher,
-                       batch_size=batch_size, workers=workers,
-                       device=device, amp=amp, overwrite=overwrite, on_progress=update)
-    if r is None:  # a rank other than 0
-        return
+        r = run_expand(pu, positive, unlabeled, out, cfg, teacher=teacher, workers=workers, device=device, amp=amp,
+                       overwrite=overwrite, on_progress=update)
     err.print(table("expand", ["", "images"], [("pool", r.pool_size), ("skipped", r.skipped),
                                               ("selected from the pool", r.selected),
                                               ("share of the pool", round(r.selected / max(1, r.pool_size), 4)),
@@ -569,33 +569,14 @@ def eval_(
     input_std: Optional[str] = INPUT_STD,
 ) -> None:
     """Top-1/top-5, per-class accuracy and confusion matrix of a model on labeled images."""
-    from .evaluate import evaluate, save_eval, write_accuracy_to_card
+    from .evaluate import evaluate, write_accuracy_to_card
 
     card = _card(model, input_size, input_channels, input_mean, input_std, flag="--model")
-    with contextlib.ExitStack() as stack:
-        if out:  # one run per directory, bound to this model and data
-            from .pool import data_digest
-            from .rundir import open_run
-            from .runtime import setup
-            from .teacher import card_digest, card_files
-
-            run = stack.enter_context(open_run(out, "eval", setup(device, amp, workers).ranks,
-                                               reads=[*card_files("--model", card), ("--data", data)]))
-            run.claim({"model": card_digest(card), "data": data_digest(data)}, overwrite)
-        with progress("evaluating") as update:
-            result = evaluate(card, data, batch_size=batch_size, workers=workers, device=device, amp=amp,
-                              on_progress=update)
-        if result is None:  # a rank other than 0
-            return
-        if out:
-            from .rundir import write_manifest
-            from .teacher import teacher_inputs
-
-            inputs = {k.replace("teacher0", "model"): v for k, v in teacher_inputs([card]).items()}
-            write_manifest(out, "eval", {"batch_size": batch_size, "workers": workers, "device": device, "amp": amp},
-                           {**inputs, "data": data}, input_spec=result.input,
-                           summary={"images": result.num_images, "skipped": len(result.skipped), "top1": result.top1})
-            emit(save_eval(result, out))
+    with progress("evaluating") as update:
+        result = evaluate(card, data, out, batch_size=batch_size, workers=workers, device=device, amp=amp,
+                          overwrite=overwrite, on_progress=update)
+    if out:
+        emit(out / "eval.json")
     names = result.classes
     err.print(table("per class", ["class", "images", "top-1"],
                     [(names[i], result.class_support[i], result.class_accuracy[i]) for i in range(len(names))]))

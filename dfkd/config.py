@@ -1,7 +1,14 @@
-"""Config layering: defaults in code -> ``--config FILE.yaml`` -> ``--set key=value`` -> flags."""
+"""Config layering: defaults in code -> ``--config FILE.yaml`` -> ``--set key=value`` -> flags.
+
+Every command resolves its typed config the same way (:func:`resolve`). A config file holds one
+command's keys, or sections named after commands (``select:``, ``distill:``, ...) so that one
+recipe file serves a whole pipeline: a command reads its own section when the file has one,
+else the file's other keys (never another command's section).
+"""
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +18,7 @@ from .errors import DfkdError
 
 
 OPEN = "objective"  # a section whose keys belong to the chosen objective, checked by it
+COMMANDS = ("train", "eval", "select", "expand", "distill", "pu-train")  # the sections a recipe file may have
 
 
 def _merge(base: dict, over: dict, where: str, prefix: str = "") -> None:
@@ -53,11 +61,27 @@ def parse_set(item: str) -> dict:
     return value
 
 
-def resolve_config(defaults: dict, config_file: str | Path | None = None, sets: list[str] = (),
-                   flags: dict | None = None) -> dict:
-    """Apply the layers in order; unknown keys are errors naming the file or flag."""
+def resolve(cls: type, config: Any = None, sets: list[str] = (), flags: dict | None = None,
+            command: str | None = None) -> Any:
+    """The typed config ``cls`` (a dataclass) of a command: its defaults, then ``config`` (a YAML
+    file's path, a dict, or a ``cls`` itself), ``--set`` items, then ``flags`` (None: not given)."""
+    if isinstance(config, cls):
+        return cls(**resolve_config(asdict(config), None, sets, flags))
+    if config is not None and not isinstance(config, (str, Path, dict)):
+        raise DfkdError(f"config: expected a {cls.__name__}, a dict or a YAML file's path, not {type(config).__name__}")
+    names = {f.name for f in fields(cls)} if is_dataclass(cls) else set()
+    cfg = resolve_config(asdict(cls()), config, sets, flags, command)
+    return cls(**{k: v for k, v in cfg.items() if k in names})
+
+
+def resolve_config(defaults: dict, config_file: str | Path | dict | None = None, sets: list[str] = (),
+                   flags: dict | None = None, command: str | None = None) -> dict:
+    """Apply the layers in order; unknown keys are errors naming the file or flag. ``config_file``
+    may be a dict (the API's config); ``command`` picks its section of a recipe file."""
     cfg = copy.deepcopy(defaults)
-    if config_file:
+    if isinstance(config_file, dict):
+        _merge(cfg, _section(config_file, command), "config")
+    elif config_file:
         path = Path(config_file)
         if not path.is_file():
             raise DfkdError(f"--config {path}: file not found")
@@ -69,13 +93,21 @@ def resolve_config(defaults: dict, config_file: str | Path | None = None, sets: 
             raise DfkdError(f"--config {path}: not a text (YAML) file") from None
         if not isinstance(data, dict):
             raise DfkdError(f"--config {path}: expected a mapping of config keys")
-        _merge(cfg, data, f"--config {path}")
+        _merge(cfg, _section(data, command), f"--config {path}")
     for item in sets:
         _merge(cfg, parse_set(item), f"--set {item}")
     for key, value in (flags or {}).items():
         if value is not None:
             _merge(cfg, _nest(key, value), f"--{key.split('.')[-1].replace('_', '-')}")
     return cfg
+
+
+def _section(data: dict, command: str | None) -> dict:
+    """The keys of ``data`` for ``command``: its section if it has one, else the keys outside any
+    command's section."""
+    if command is not None and isinstance(data.get(command), dict):
+        return data[command]
+    return {k: v for k, v in data.items() if k not in COMMANDS}
 
 
 def _nest(key: str, value: Any) -> dict:

@@ -27,8 +27,8 @@ from . import gpu_decode
 from .errors import DfkdError, out_of_memory
 from .images import BadImage, InputSpec, image_tensor, normalize
 from .io import write_json
+from .lifecycle import Run
 from .pool import Listing, list_pool
-from .rundir import RunDir
 from .runtime import Runtime, autocast, loader
 
 # (outputs[n, ...] float32 CPU, labels[n], paths, errors) -> one tuple per row
@@ -107,12 +107,12 @@ def stream(model: nn.Module, spec: InputSpec, rows: Callable[[], Iterator[dict]]
     batches = iter(data)
     for step in range(math.ceil(blocks / ranks.world)):
         b = step * ranks.world + ranks.rank
-        payload, failure = None, None
+        payload, own_bug = None, None
         if b < blocks:
-            got, images, labels, paths, errors, raw = next(batches)
-            assert got == b, f"block {got} arrived for {b}"
-            errors = list(errors)
-            try:
+            try:  # a decoding worker that died (killed for memory) raises here too
+                got, images, labels, paths, errors, raw = next(batches)
+                assert got == b, f"block {got} arrived for {b}"
+                errors = list(errors)
                 with torch.inference_mode():
                     x = normalize(_on_device(images, raw, paths, errors, spec, rt.device), spec, rt.device, True)
                     with autocast(rt.device, rt.amp):
@@ -122,12 +122,13 @@ def stream(model: nn.Module, spec: InputSpec, rows: Callable[[], Iterator[dict]]
                 known = e if isinstance(e, DfkdError) else out_of_memory(e)
                 if known is None and ranks.world == 1:
                     raise
-                payload, failure = (None, str(known) if known else f"rank {ranks.rank}: {type(e).__name__}: {e}"), e
+                own_bug = None if known else e
+                payload = (None, str(known) if known else f"rank {ranks.rank}: {type(e).__name__}: {e}")
         gathered = ranks.all_gather(payload)
         error = next((p[1] for p in gathered if p and p[1]), None)
         if error:
-            if failure is not None and not isinstance(failure, DfkdError) and out_of_memory(failure) is None:
-                raise failure  # this rank's own bug keeps its traceback; the others end with one line
+            if own_bug is not None:
+                raise own_bug  # this rank's own bug keeps its traceback; the others end with one line
             raise DfkdError(error)
         yield [r for p in gathered if p for r in p[0]] if ranks.main else []
 
@@ -182,16 +183,16 @@ class Segment:
         return zip(self.listing.rows(self.lo, self.hi), self.rows)
 
 
-def score_run(run: RunDir, rt: Runtime, pool: str | Path, flag: str, identity: dict, model: nn.Module,
+def score_run(run: Run, pool: str | Path, flag: str, identity: dict, model: nn.Module,
               spec: InputSpec, row_fn: RowFn, types: Sequence[type], *, batch_size: int,
-              shard: tuple[int, int] | None = None, overwrite: bool = False, info: dict | None = None,
-              on_progress: Callable[[int, int], None] | None = None,
+              shard: tuple[int, int] | None = None, info: dict | None = None,
               forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> Segment:
     """List ``pool`` (or slice ``i`` of ``n``) and score it into ``run``'s ``.scoring/``.
 
     The run is bound to ``identity`` plus the pool's digest and the shard; a run with the same
     identity resumes from the rows already written."""
-    out, ranks = run.path, rt.ranks
+    out, rt = run.out, run.rt
+    ranks = rt.ranks
     check_batch_size(batch_size)  # before the run is bound to its inputs
     i, n = shard or (0, 1)
     fresh = out / ".pool-listing.tsv"
@@ -200,7 +201,7 @@ def score_run(run: RunDir, rt: Runtime, pool: str | Path, flag: str, identity: d
         None if listing is None else (listing.columns, listing.count, listing.digest, listing.problems))
     identity = {**identity, "pool": digest, "shard": [i, n] if shard else None}
     try:
-        resumed = run.claim(identity, overwrite)
+        resumed = run.claim(identity)
     except DfkdError:
         fresh.unlink(missing_ok=True)
         raise
@@ -216,13 +217,11 @@ def score_run(run: RunDir, rt: Runtime, pool: str | Path, flag: str, identity: d
     lo, hi = i * count // n, (i + 1) * count // n
     done = ranks.broadcast(rows.done() if ranks.main else None)
     listing = Listing(state / "pool.tsv", columns, count, digest, Path(pool), problems)
-    if on_progress:
-        on_progress(done, hi - lo)
+    run.progress(done, hi - lo)
     for got in stream(model, spec, lambda: listing.rows(lo + done, hi), hi - lo - done, row_fn, rt,
                       batch_size=batch_size, forward=forward):
         if ranks.main:
             rows.append(got)
             done += len(got)
-            if on_progress:
-                on_progress(done, hi - lo)
+            run.progress(done, hi - lo)
     return Segment(listing, lo, hi, rows)

@@ -9,15 +9,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .cards import ModelCard, input_record, update_card
+from .cards import CardLike, ModelCard, as_cards, input_record, update_card
 from .engine import stream
 from .errors import DfkdError
 from .images import open_labeled
-from .io import write_json
+from .lifecycle import Command, Input, Run, card_inputs
+from .pool import data_digest
 from .runtime import setup
 from .select.estimate import noise_summary
 from .select.scores import noise_value
-from .teacher import load_teacher
+from .teacher import card_digest, load_teacher
+
+EVAL = Command("eval", ("eval.json",))
 
 
 @dataclass
@@ -35,12 +38,14 @@ class EvalResult:
     noise_values: dict | None = None  # noise_summary(): the noise value's quantiles
 
 
-def evaluate(card: ModelCard, data: str | Path, *, batch_size: int = 256, workers: int | None = None,
-             device: str = "auto", amp: bool | None = None,
-             on_progress: Callable[[int, int], None] | None = None) -> EvalResult | None:
-    """Evaluate ``card`` on an ImageFolder/index (folders matched to the card's ``classes``).
+def evaluate(card: CardLike, data: str | Path, out: str | Path | None = None, *, batch_size: int = 256,
+             workers: int | None = None, device: str = "auto", amp: bool | None = None, overwrite: bool = False,
+             on_progress: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Evaluate ``card`` (a card or its path) on an ImageFolder/index (folders matched to the
+    card's ``classes``); with ``out``, write ``out/eval.json`` and the run's manifest.
 
-    Under torchrun the images are sharded over the ranks; rank 0 returns the result."""
+    Under torchrun the images are sharded over the ranks; every rank gets the result."""
+    card = as_cards(card, "--model")[0]
     rt = setup(device, amp, workers)
     index, _ = open_labeled(data, card.classes)
     labels = index.labels()
@@ -59,35 +64,42 @@ def evaluate(card: ModelCard, data: str | Path, *, batch_size: int = 256, worker
         noise = noise_value(logits.float()).tolist()
         return list(zip(logits.argmax(1).tolist(), top5, y.tolist(), noise, paths, errors))
 
-    confusion = torch.zeros(k, k, dtype=torch.long)
-    top5_hits, n, done, skipped, noise = 0, 0, 0, list(index.problems), []  # files the listing could not take
-    for got in stream(teacher.model, card.input, lambda: iter(index.rows), len(index), rows, rt,
-                      batch_size=batch_size):
-        for pred, hit, y, v, path, error in got:
-            if error:
-                skipped.append({"path": path, "reason": error})
-                continue
-            confusion[y, pred] += 1
-            noise.append(v)
-            top5_hits += hit
-            n += 1
-        done += len(got)
-        if on_progress and rt.ranks.main:
-            on_progress(done, len(index))
-    if not rt.ranks.main:
-        return None
-    if n == 0:
-        raise DfkdError(f"--data {data}: no image could be decoded")
-    support = confusion.sum(1)
-    # ratios of integer counts in Python floats (a float32 tensor division printed 0.18666666746139526)
-    per_class = [int(confusion[i, i]) / int(support[i]) if support[i] else None for i in range(k)]
-    return EvalResult(n, skipped, int(confusion.diag().sum()) / n, top5_hits / n if k > 5 else None,
-                      per_class, support.tolist(), confusion.tolist(), card.class_names,
-                      input_record(card), str(card.path.resolve()), noise_summary(np.array(noise)))
+    def body(run: Run) -> EvalResult:
+        confusion = torch.zeros(k, k, dtype=torch.long)
+        top5_hits, n, done, skipped, noise = 0, 0, 0, list(index.problems), []  # files the listing could not take
+        for got in stream(teacher.model, card.input, lambda: iter(index.rows), len(index), rows, rt,
+                          batch_size=batch_size):
+            for pred, hit, y, v, path, error in got:
+                if error:
+                    skipped.append({"path": path, "reason": error})
+                    continue
+                confusion[y, pred] += 1
+                noise.append(v)
+                top5_hits += hit
+                n += 1
+            done += len(got)
+            run.progress(done, len(index))
 
+        def result() -> EvalResult:  # from the rows rank 0 gathered
+            if n == 0:
+                raise DfkdError(f"--data {data}: no image could be decoded")
+            support = confusion.sum(1)
+            # ratios of integer counts in Python floats (a float32 tensor division printed 0.18666666746139526)
+            per_class = [int(confusion[i, i]) / int(support[i]) if support[i] else None for i in range(k)]
+            r = EvalResult(n, skipped, int(confusion.diag().sum()) / n, top5_hits / n if k > 5 else None,
+                           per_class, support.tolist(), confusion.tolist(), card.class_names,
+                           input_record(card), str(card.path.resolve()), noise_summary(np.array(noise)))
+            if out is not None:
+                run.write_json("eval.json", asdict(r))
+                run.manifest({"batch_size": batch_size, "workers": rt.workers, "device": str(rt.device), "amp": rt.amp},
+                             r.input, summary={"images": r.num_images, "skipped": len(r.skipped), "top1": r.top1})
+            return r
 
-def save_eval(result: EvalResult, out: str | Path) -> Path:
-    return write_json(Path(out) / "eval.json", asdict(result))
+        return run.on_main(result)
+
+    return EVAL.execute(out, rt, [*card_inputs("--model", [card], "model"), Input("data", "--data", data)], body,
+                        identity={"model": card_digest(card), "data": data_digest(data)}, overwrite=overwrite,
+                        on_progress=on_progress)
 
 
 def write_accuracy_to_card(card: ModelCard, result: EvalResult) -> Path:

@@ -37,16 +37,8 @@ from .io import file_sha256, write_json
 
 # What a run keeps between attempts; --overwrite removes it after the outputs, run.json last.
 STATE = ("checkpoints", "metrics.jsonl", ".scoring", "run.json")
-# What each command writes into its --out besides STATE; --overwrite removes it first, the
-# manifest (the mark of a finished run) and the report before the rest.
-OUTPUTS = {
-    "select": ("scores.tsv", "selected.tsv", "skipped.tsv", "duplicates.tsv"),
-    "expand": ("expanded.tsv", "pu_scores.tsv", "skipped.tsv", "duplicates.tsv"),
-    "train": ("model.yaml", "model.pt", "skipped.tsv", "config.yaml", "tensorboard"),
-    "distill": ("student.yaml", "student.pt", "skipped.tsv", "config.yaml", "class_counts.json", "tensorboard"),
-    "pu-train": ("pu.yaml", "pu.pt", "skipped.tsv", "config.yaml", "tensorboard"),
-    "eval": ("eval.json",),
-}
+# What every command writes besides its declared outputs (dfkd.lifecycle.Command.outputs);
+# --overwrite removes them first: the manifest (the mark of a finished run) and the report.
 FINISHED = ("manifest.json", "report.html")
 
 
@@ -64,8 +56,8 @@ def input_hashes(paths: dict[str, str | Path | None]) -> dict[str, dict]:
 class RunDir:
     """An opened ``--out``: locked by rank 0 until :meth:`close`."""
 
-    def __init__(self, path: Path, command: str, ranks: Ranks):
-        self.path, self.command, self.ranks = path, command, ranks
+    def __init__(self, path: Path, command: str, ranks: Ranks, outputs: Iterable[str] = ()):
+        self.path, self.command, self.ranks, self.outputs = path, command, ranks, tuple(outputs)
         self._lock = None
         self.resumed = False
         self._created: Path | None = None  # the top folder of --out that this run created
@@ -150,7 +142,7 @@ class RunDir:
 
     def clear(self) -> None:
         """Remove this command's run: the marks of a finished run, its outputs, its state, run.json last."""
-        for name in (*FINISHED, *OUTPUTS[self.command], *STATE):
+        for name in (*FINISHED, *self.outputs, *STATE):
             p = self.path / name
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
@@ -206,11 +198,12 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def open_run(out: str | Path, command: str, ranks: Ranks = SINGLE,
-             reads: Iterable[tuple[str, str | Path | None]] = ()) -> RunDir:
+             reads: Iterable[tuple[str, str | Path | None]] = (), outputs: Iterable[str] = ()) -> RunDir:
     """Lock ``out`` for this run (rank 0); every rank fails together when it cannot. ``reads``:
     the (flag, path) of everything the run reads: ``out`` must not be inside a folder of them,
-    nor hold a file of them."""
-    run = RunDir(Path(out), command, ranks)
+    nor hold a file of them. ``outputs``: the command's files, which ``--overwrite`` clears.
+    Commands open their run through :meth:`dfkd.lifecycle.Command.execute`."""
+    run = RunDir(Path(out), command, ranks, outputs)
     error = None
     if ranks.main:
         try:

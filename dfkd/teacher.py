@@ -110,22 +110,6 @@ class Teacher:
         return [card_digest(c) for c in self.cards]
 
 
-def teacher_inputs(cards: Sequence[ModelCard]) -> dict[str, Path | None]:
-    """The manifest's ``inputs`` entries of the teacher cards, one scheme for every command:
-    ``teacher0``, ``teacher0_weights``, ``teacher1``, ... (a TorchScript teacher's file is its card)."""
-    out: dict[str, Path | None] = {}
-    for i, c in enumerate(cards):
-        out[f"teacher{i}"] = c.path
-        out[f"teacher{i}_weights"] = c.weights
-    return out
-
-
-def card_files(flag: str, *cards: ModelCard) -> list[tuple[str, Path]]:
-    """(flag, file) of every file ``cards`` are read from: the card, its weights, its TorchScript
-    (what :func:`dfkd.rundir.open_run` keeps out of ``--out``)."""
-    return [(flag, f) for c in cards for f in (c.path, c.weights, c.torchscript) if f is not None]
-
-
 def card_digest(card: ModelCard) -> str:
     h = hashlib.sha256()
     for f in (card.path, card.weights, card.torchscript):

@@ -58,7 +58,7 @@ def test_select_then_kd_closes_most_of_the_gap_from_an_untrained_student_to_the_
     train, test = digits_folders
     teacher = load_card(digits_teacher)
     pool = wild_pool(tmp_path / "pool", train)
-    sel = select_pool(teacher, pool, tmp_path / "select", num=900, workers=0, device="cpu")
+    sel = select_pool(teacher, pool, tmp_path / "select", num_images=900, workers=0, device="cpu")
     result = distill(teacher, "resnet8", [sel.files["selected"]], tmp_path / "student", cfg("kd"),
                      workers=0, device="cpu")
     student = load_card(result.card)
@@ -186,7 +186,7 @@ def test_resume_with_other_inputs_is_refused_unless_overwrite(tmp_path, digits_f
     with pytest.raises(DfkdError, match=r"holds a run with other inputs \(student\)"):  # was: a state_dict traceback
         distill(teacher, "resnet14", [test], run, cfg("kd", epochs=2), workers=0, device="cpu")
     with pytest.raises(DfkdError, match="holds a run of dfkd distill, which --overwrite does not clear"):
-        select_pool(teacher, test, run, num=5, workers=0, device="cpu", overwrite=True)
+        select_pool(teacher, test, run, num_images=5, workers=0, device="cpu", overwrite=True)
     fresh = distill(teacher, "resnet8", [train], run, cfg("kd", steps=3), workers=0, device="cpu", overwrite=True)
     assert fresh.resumed_from == 0 and fresh.steps == 3 and fresh.images == 1400
     again = distill(teacher, "resnet8", [train], run, cfg("kd", steps=3), workers=0, device="cpu")
@@ -262,8 +262,8 @@ def test_ensemble_with_align_and_correlation_distills_and_selects(tmp_path, digi
     r = distill([t1, t2], "resnet8", [str(test)], tmp_path / "s", c, workers=0, device="cpu")
     assert {"align", "correlation", "disc", "fool", "noisy_nll"} <= set(r.last)
     assert "align ×10" in r.description
-    sel = select_pool([t1, t2], test, tmp_path / "sel", num=50, workers=0, device="cpu")
-    single = select_pool(t1, test, tmp_path / "sel1", num=50, workers=0, device="cpu")
+    sel = select_pool([t1, t2], test, tmp_path / "sel", num_images=50, workers=0, device="cpu")
+    single = select_pool(t1, test, tmp_path / "sel1", num_images=50, workers=0, device="cpu")
     assert sel.selected == 50 and sel.score_quantiles != single.score_quantiles
 
 
@@ -287,7 +287,7 @@ def test_the_readme_python_api_example_runs(tmp_path, digits_folders, digits_tea
     code = re.search(r"## Python API.*?```python\n(.*?)```", readme, re.S).group(1)
     train, test = digits_folders
     for old, new in (("runs/demo/teacher/model.yaml", str(digits_teacher)), ("data/demo/wild", str(test)),
-                     ("data/demo/test", str(test)), ("runs/api", str(tmp_path / "api")), ("num=2000", "num=300"),
+                     ("data/demo/test", str(test)), ("runs/api", str(tmp_path / "api")), ("num_images=2000", "num_images=300"),
                      ("epochs=5", "epochs=2")):
         assert old in code, old
         code = code.replace(old, new)

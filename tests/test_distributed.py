@@ -95,7 +95,7 @@ def test_select_on_two_ranks_writes_the_files_of_one_process(tmp_path, pattern_f
 def test_shards_merged_equal_one_run(tmp_path, pattern_folder, random_teacher):
     card = __import__("dfkd.cards", fromlist=["load_card"]).load_card(random_teacher)
     os.symlink("..", pattern_folder / "bars_h" / "up")  # a recorded problem, merged like the rows
-    whole = select_pool(card, pattern_folder, tmp_path / "whole", num=5, batch_size=4, workers=0, device="cpu")
+    whole = select_pool(card, pattern_folder, tmp_path / "whole", num_images=5, batch_size=4, workers=0, device="cpu")
     for i in range(3):
         part = select_pool(card, pattern_folder, tmp_path / "shards" / f"s{i}", shard=(i, 3), batch_size=4,
                            workers=0, device="cpu")

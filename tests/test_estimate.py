@@ -99,17 +99,17 @@ def test_select_auto_selects_the_estimated_in_distribution_count(tmp_path, digit
     truth = len(list(test.rglob("*.png")))
     card = load_card(digits_teacher)
     assert card.extra["noise_values"]["images"] == truth
-    res = select_pool(card, pool, tmp_path / "auto", num="auto", dedup="off", workers=0, device="cpu")
+    res = select_pool(card, pool, tmp_path / "auto", num_images="auto", dedup="off", workers=0, device="cpu")
     e = res.estimate
     assert e.method == "card" and truth - 0.05 * e.scored <= e.count < e.scored, (e, truth)
     assert res.selected == e.count and e.low <= e.count <= e.high and sum(res.class_counts) == e.count
     manifest = json.loads(res.files["manifest"].read_text())
     assert manifest["summary"]["in_distribution"]["count"] == e.count and manifest["options"]["num"] == "auto"
-    only_digits = select_pool(card, test, tmp_path / "digits", num="auto", dedup="off", workers=0, device="cpu")
+    only_digits = select_pool(card, test, tmp_path / "digits", num_images="auto", dedup="off", workers=0, device="cpu")
     assert only_digits.estimate.count >= 0.95 * truth  # a pool of in-distribution images only
     no_card = load_card(digits_teacher)
     no_card.extra.pop("noise_values")
-    again = select_pool(no_card, pool, tmp_path / "mixture", num="auto", dedup="off", workers=0, device="cpu")
+    again = select_pool(no_card, pool, tmp_path / "mixture", num_images="auto", dedup="off", workers=0, device="cpu")
     assert again.estimate.method == "mixture" and again.selected == again.estimate.count > 0
 
 

@@ -295,10 +295,10 @@ def test_a_damaged_run_json_is_named_as_such(tmp_path, pattern_folder, random_te
     from dfkd.select.run import select_pool
 
     out = tmp_path / "sel"
-    select_pool(load_card(random_teacher), pattern_folder, out, num=4, batch_size=8, workers=0, device="cpu")
+    select_pool(load_card(random_teacher), pattern_folder, out, num_images=4, batch_size=8, workers=0, device="cpu")
     (out / "run.json").write_text((out / "run.json").read_text()[:20])
     with pytest.raises(DfkdError, match=r"run.json: damaged .* --overwrite starts this run afresh"):
-        select_pool(load_card(random_teacher), pattern_folder, out, num=4, batch_size=8, workers=0, device="cpu")
-    res = select_pool(load_card(random_teacher), pattern_folder, out, num=4, batch_size=8, workers=0, device="cpu",
+        select_pool(load_card(random_teacher), pattern_folder, out, num_images=4, batch_size=8, workers=0, device="cpu")
+    res = select_pool(load_card(random_teacher), pattern_folder, out, num_images=4, batch_size=8, workers=0, device="cpu",
                       overwrite=True)
     assert res.selected == 4 and json.loads((out / "run.json").read_text())["command"] == "select"

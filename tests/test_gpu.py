@@ -13,8 +13,8 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.slow
 def test_select_on_cuda_matches_cpu_ranking(tmp_path, digits_folders, digits_teacher):
     card = load_card(digits_teacher)
-    gpu = select_pool(card, digits_folders[1], tmp_path / "gpu", num=100, device="cuda", amp=False, workers=2)
-    cpu = select_pool(card, digits_folders[1], tmp_path / "cpu", num=100, device="cpu", amp=False, workers=0)
+    gpu = select_pool(card, digits_folders[1], tmp_path / "gpu", num_images=100, device="cuda", amp=False, workers=2)
+    cpu = select_pool(card, digits_folders[1], tmp_path / "cpu", num_images=100, device="cpu", amp=False, workers=0)
     assert gpu.class_counts == cpu.class_counts
     assert gpu.score_quantiles["median"] == pytest.approx(cpu.score_quantiles["median"], rel=1e-3, abs=1e-6)
 

@@ -69,12 +69,12 @@ def test_select_on_a_jpeg_pool_through_the_batched_path(tmp_path, digits_folders
     (pool / "zz_bad.jpg").write_bytes(good[:-40] + b"\0" * 38 + b"\xff\xd9")  # whole, but corrupt
     card = load_card(digits_teacher)
     # dedup off: only the scoring pass decodes (the second look at the candidates would decode again)
-    cpu = select_pool(card, pool, tmp_path / "cpu", num=30, dedup="off", workers=0, device="cpu")
+    cpu = select_pool(card, pool, tmp_path / "cpu", num_images=30, dedup="off", workers=0, device="cpu")
     calls = []
     real = gpu_decode.decode
     monkeypatch.setattr(gpu_decode, "enabled", lambda device: True)
     monkeypatch.setattr(gpu_decode, "decode", lambda raw, spec, device: calls.append(len(raw)) or real(raw, spec, device))
-    batched = select_pool(card, pool, tmp_path / "batched", num=30, dedup="off", workers=0, device="cpu")
+    batched = select_pool(card, pool, tmp_path / "batched", num_images=30, dedup="off", workers=0, device="cpu")
     assert sum(calls) == 121  # every whole JPEG (the corrupt one too) went the batched way; not the cut one
     assert read_index(tmp_path / "batched" / "skipped.tsv").paths == read_index(tmp_path / "cpu" / "skipped.tsv").paths
     assert batched.skipped == cpu.skipped
@@ -92,8 +92,8 @@ def test_select_on_cuda_decodes_jpegs_on_the_gpu(tmp_path, digits_folders, digit
     devices = []
     real = gpu_decode.decode
     monkeypatch.setattr(gpu_decode, "decode", lambda raw, spec, device: devices.append(device) or real(raw, spec, device))
-    gpu = select_pool(card, pool, tmp_path / "gpu", num=50, device="cuda", amp=False, workers=2)
-    cpu = select_pool(card, pool, tmp_path / "cpu", num=50, device="cpu", amp=False, workers=0)
+    gpu = select_pool(card, pool, tmp_path / "gpu", num_images=50, device="cuda", amp=False, workers=2)
+    cpu = select_pool(card, pool, tmp_path / "cpu", num_images=50, device="cpu", amp=False, workers=0)
     assert devices and all(d.type == "cuda" for d in devices)
     assert gpu.scored == cpu.scored == 200
     a = [float(r["score"]) for r in read_index(tmp_path / "cpu" / "scores.tsv").rows]

@@ -79,7 +79,7 @@ def test_expand_top_n_repeat_and_errors(tmp_path, digits_folders, digits_teacher
     pos, pool, truth = pu_data(tmp_path, train, n_pos_per_class=2, n_ood=30)
     cfg = PuConfig(steps=3, batch_size=32, amp=False, nnpu={"prior": 0.5})
     r = pu_train(teacher, pos, pool, tmp_path / "pu", cfg, workers=0, device="cpu")
-    e = expand(r.card, pos, pool, tmp_path / "e", num=25, repeat_positive=3, workers=0, device="cpu")
+    e = expand(r.card, pos, pool, tmp_path / "e", num_images=25, repeat_positive=3, workers=0, device="cpu")
     rows = read_index(e.files["expanded"]).rows
     assert len(rows) == 20 * 3 + 25
     scores = [float(x["score"]) for x in rows if x["source"] == "pool"]
@@ -90,7 +90,7 @@ def test_expand_top_n_repeat_and_errors(tmp_path, digits_folders, digits_teacher
         expand(r.card, pos, pool, tmp_path / "x", teacher=tmp_path / "missing.yaml", device="cpu")
     good = next((pos / "0").glob("*.png"))
     (pos / "0" / "truncated.png").write_bytes(good.read_bytes()[:40])  # was written as a positive
-    e2 = expand(r.card, pos, pool, tmp_path / "e2", num=5, workers=0, device="cpu")
+    e2 = expand(r.card, pos, pool, tmp_path / "e2", num_images=5, workers=0, device="cpu")
     assert e2.positives == 20 and "truncated.png" not in e2.files["expanded"].read_text()
     assert "truncated.png" in e2.files["skipped"].read_text()
     res = CliRunner().invoke(app, ["pu-train", "--teacher", str(digits_teacher), "--positive", str(pos),
@@ -205,7 +205,7 @@ def test_expand_drops_copies_of_pool_images_and_of_positives(tmp_path, digits_fo
     assert load_manifest_summary(e.files["manifest"])["duplicates"] == 81
     plain = expand(r.card, pos, pool, tmp_path / "plain", threshold=everything, dedup="off", workers=0, device="cpu")
     assert plain.selected == 121 and "duplicates" not in plain.files
-    few = expand(r.card, pos, pool, tmp_path / "few", num=30, workers=0, device="cpu")
+    few = expand(r.card, pos, pool, tmp_path / "few", num_images=30, workers=0, device="cpu")
     assert few.selected == 30 and len({Path(x["path"]).stem for x in read_index(few.files["expanded"]).rows
                                        if x["source"] == "pool"}) == 30
     res = CliRunner().invoke(app, ["expand", "--pu", str(r.card), "--positive", str(pos), "--unlabeled", str(pool),

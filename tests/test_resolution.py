@@ -68,7 +68,7 @@ def test_select_eval_and_train_take_the_batch_from_the_user(tmp_path, pattern_fo
     from dfkd.cards import load_card
 
     card = load_card(random_teacher)
-    select_pool(card, pattern_folder, tmp_path / "sel", num=6, batch_size=BATCH, workers=0, device="cpu")
+    select_pool(card, pattern_folder, tmp_path / "sel", num_images=6, batch_size=BATCH, workers=0, device="cpu")
     evaluate(card, pattern_folder, batch_size=BATCH, workers=0, device="cpu")
     train_classifier("resnet8", pattern_folder, tmp_path / "train", LoopConfig(batch_size=BATCH, steps=2, amp=False),
                      workers=0, device="cpu")
@@ -194,7 +194,7 @@ def test_select_decodes_each_pool_image_once(tmp_path, pattern_folder, random_te
     real = dfkd.engine.image_tensor
     monkeypatch.setattr(dfkd.engine, "image_tensor", lambda path, spec: decoded.append(path) or real(path, spec))
     card = load_card(random_teacher)
-    res = select_pool(card, pattern_folder, tmp_path / "new", num=4, batch_size=BATCH, workers=0, device="cpu")
+    res = select_pool(card, pattern_folder, tmp_path / "new", num_images=4, batch_size=BATCH, workers=0, device="cpu")
     assert sorted(decoded) == sorted(str(p) for p in pattern_folder.rglob("*.png"))  # once each
     assert res.duplicates >= 1
     rows = tmp_path / "new" / ".scoring" / "rows.tsv"
@@ -205,7 +205,7 @@ def test_select_decodes_each_pool_image_once(tmp_path, pattern_folder, random_te
     for f in ("selected.tsv", "duplicates.tsv", "manifest.json"):
         (old / f).unlink()
     decoded.clear()
-    again = select_pool(card, pattern_folder, old, num=4, batch_size=BATCH, workers=0, device="cpu")
+    again = select_pool(card, pattern_folder, old, num_images=4, batch_size=BATCH, workers=0, device="cpu")
     assert decoded, "rows without thumbnails: the candidates are decoded again"
     assert again.duplicates == res.duplicates
     for f in ("selected.tsv", "duplicates.tsv", "scores.tsv"):

@@ -112,7 +112,7 @@ def copy_pool(pattern_folder: Path, dest: Path) -> Path:
 def test_select_writes_scores_selected_skipped_and_manifest(tmp_path, pattern_folder, random_teacher):
     pool = copy_pool(pattern_folder, tmp_path / "pool")
     card = load_card(random_teacher)
-    res = select_pool(card, pool, tmp_path / "run", num=6, batch_size=4, workers=0, device="cpu")
+    res = select_pool(card, pool, tmp_path / "run", num_images=6, batch_size=4, workers=0, device="cpu")
     assert (res.pool_size, res.skipped, res.scored, res.selected) == (29, 5, 24, 6)
     skipped = read_index(tmp_path / "run" / "skipped.tsv")
     reasons = {Path(r["path"]).name: r["reason"] for r in skipped.rows}
@@ -221,24 +221,24 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, pattern_folder, random_t
 def test_selecting_again_reuses_the_scores_and_a_changed_pool_is_refused(tmp_path, pattern_folder, random_teacher):
     card = load_card(random_teacher)
     out = tmp_path / "run"
-    select_pool(card, pattern_folder, out, num=6, batch_size=4, workers=0, device="cpu")
+    select_pool(card, pattern_folder, out, num_images=6, batch_size=4, workers=0, device="cpu")
     rows = out / ".scoring" / "rows.tsv"
     stamp = rows.stat().st_mtime_ns
-    res = select_pool(card, pattern_folder, out, num=3, policy="global", batch_size=4, workers=0, device="cpu")
+    res = select_pool(card, pattern_folder, out, num_images=3, policy="global", batch_size=4, workers=0, device="cpu")
     assert res.selected == 3 and len(read_index(out / "selected.tsv")) == 3
     assert rows.stat().st_mtime_ns == stamp  # selected again from the stored scores, not scored again
     shutil.copy(next(pattern_folder.rglob("*.png")), pattern_folder / "bars_h" / "new.png")
     with pytest.raises(DfkdError, match=r"other inputs \(pool\)"):
-        select_pool(card, pattern_folder, out, num=3, workers=0, device="cpu")
+        select_pool(card, pattern_folder, out, num_images=3, workers=0, device="cpu")
     assert not (out / ".pool-listing.tsv").exists()
-    res = select_pool(card, pattern_folder, out, num=3, workers=0, device="cpu", overwrite=True)
+    res = select_pool(card, pattern_folder, out, num_images=3, workers=0, device="cpu", overwrite=True)
     assert res.pool_size == 19
 
 
 def test_report_of_a_real_select_run_names_the_teachers_classes(tmp_path, pattern_folder, random_teacher):
     from dfkd.report import write_report
 
-    res = select_pool(load_card(random_teacher), pattern_folder, tmp_path / "run", num=6, workers=0, device="cpu")
+    res = select_pool(load_card(random_teacher), pattern_folder, tmp_path / "run", num_images=6, workers=0, device="cpu")
     html = write_report(res.out).read_text()
     # the class names as the page shows them: not inside images, nor in tooltips (which hold paths,
     # and the pool's folders have the classes' names)
@@ -276,7 +276,7 @@ def test_select_drops_exact_and_near_duplicates_before_the_budget_is_spent(tmp_p
         with Image.open(f) as im:
             im.resize((32, 32), Image.BICUBIC).save(pool / "c" / f"{i:03d}.png")
             im.convert("RGB").save(pool / "d" / f"{i:03d}.jpg", quality=90)
-    r = select_pool(load_card(digits_teacher), pool, tmp_path / "sel", num=50, workers=0, device="cpu")
+    r = select_pool(load_card(digits_teacher), pool, tmp_path / "sel", num_images=50, workers=0, device="cpu")
     chosen = [Path(p) for p in read_index(r.files["selected"]).paths]
     assert len(chosen) == 50 and len({p.stem for p in chosen}) == 50  # one copy of each picture
     dups = read_index(r.files["duplicates"]).rows
@@ -289,8 +289,8 @@ def test_select_drops_exact_and_near_duplicates_before_the_budget_is_spent(tmp_p
             assert float(d["cosine"]) >= 0.99
     kinds = {d["kind"] for d in dups}
     assert kinds == {"exact", "near"}
-    plain = select_pool(load_card(digits_teacher), pool, tmp_path / "plain", num=50, dedup="off", workers=0,
+    plain = select_pool(load_card(digits_teacher), pool, tmp_path / "plain", num_images=50, dedup="off", workers=0,
                         device="cpu")
     assert len({Path(p).stem for p in read_index(plain.files["selected"]).paths}) < 50  # copies spent the budget
     with pytest.raises(DfkdError, match="--dedup 'fuzzy'"):
-        select_pool(load_card(digits_teacher), pool, tmp_path / "x", num=5, dedup="fuzzy", device="cpu")
+        select_pool(load_card(digits_teacher), pool, tmp_path / "x", num_images=5, dedup="fuzzy", device="cpu")

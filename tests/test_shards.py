@@ -51,8 +51,8 @@ def test_select_from_shards_picks_the_images_the_extracted_folder_gives(tmp_path
     pattern = str(tmp_path / "shards" / "{000..003}.tar")
     index = open_pool(pattern)
     assert len(index) == len(files) and all(".tar#" in p and p.endswith(".png") for p in index.paths)
-    a = select_pool(teacher, pattern, tmp_path / "from-shards", num=100, workers=0, device="cpu")
-    b = select_pool(teacher, folder, tmp_path / "from-folder", num=100, workers=0, device="cpu")
+    a = select_pool(teacher, pattern, tmp_path / "from-shards", num_images=100, workers=0, device="cpu")
+    b = select_pool(teacher, folder, tmp_path / "from-folder", num_images=100, workers=0, device="cpu")
     assert a.scored == b.scored == len(files) and a.skipped == b.skipped == 0
 
     def picked(run):

@@ -14,17 +14,17 @@ from typing import Sequence
 import torch
 import yaml
 
-from ..cards import ModelCard, build_arch, input_record, load_card, load_model, save_card
+from ..cards import CardLike, ModelCard, as_cards, build_arch, input_record, load_card, load_model, save_card
+from ..config import resolve_config
 from ..errors import DfkdError
 from ..events import Note, OnEvent, TeacherPass
 from ..images import labeled_paths, pool_paths
-from ..index import Rows, write_index
-from ..io import write_json, write_text
+from ..index import Rows
 from ..models.features import classifier_layer
 from ..pool import data_digest
-from ..rundir import open_run, write_manifest
+from ..lifecycle import Command, Input, Run, card_inputs
 from ..runtime import setup
-from ..teacher import card_digest, card_files, check_compatible, ensemble_accuracy, load_teacher, teacher_inputs
+from ..teacher import card_digest, check_compatible, ensemble_accuracy, load_teacher
 from ..train.data import ImageSet, decode_images
 from ..train.loop import LoopConfig, accuracy, batch_outputs, run_loop
 from .objectives import OBJECTIVES, build_objective, objective_options
@@ -57,6 +57,10 @@ class DistillConfig(LoopConfig):
 def default_config() -> dict:
     """Defaults in code: the loop's settings, the method, its objective's options, extra terms."""
     return asdict(DistillConfig())
+
+
+DISTILL = Command("distill", ("student.yaml", "student.pt", "skipped.tsv", "config.yaml", "class_counts.json",
+                              "tensorboard"), DistillConfig)
 
 
 @dataclass
@@ -137,11 +141,12 @@ class Plan:
     options: dict  # the objective's resolved options
 
 
-def check_config(teachers: Sequence[ModelCard], config: dict | DistillConfig) -> Plan:
+def check_config(teachers: Sequence[ModelCard], config: DistillConfig | dict | str | Path | None) -> Plan:
     """Everything :func:`distill` checks before it decodes an image: the teachers agree, and the
     loop keys, the terms and the objective's options are valid (else one DfkdError naming the key)."""
     check_compatible(teachers)
-    config = asdict(config) if isinstance(config, DistillConfig) else config
+    config = resolve_config(default_config(), asdict(config) if isinstance(config, DistillConfig) else config,
+                            command="distill")
     method, obj_cfg = config["method"], dict(config.get("objective") or {})
     if method not in OBJECTIVES:
         raise DfkdError(f"--method {method!r}: expected one of {', '.join(OBJECTIVES.keys())}")
@@ -153,18 +158,18 @@ def check_config(teachers: Sequence[ModelCard], config: dict | DistillConfig) ->
                                                                              obj_cfg, info))
 
 
-def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: str | Path | Sequence[str | Path],
-            out: str | Path, config: dict | DistillConfig, *,
+def distill(teachers: CardLike | Sequence[CardLike], student: str, data: str | Path | Sequence[str | Path],
+            out: str | Path, config: DistillConfig | dict | str | Path | None = None, *,
             eval_data: str | Path | None = None, workers: int | None = None, device: str = "auto",
             stop_after: int | None = None, overwrite: bool = False, tensorboard: bool = False,
-            cache_dir: str | Path | None = None, on_event: OnEvent | None = None) -> DistillResult | None:
-    """Distill the teacher (or an ensemble of teachers) into ``student`` on the images of ``data``
-    (an index file or folder, or a list of them), with ``config`` a :class:`DistillConfig` or the
-    equivalent dict (as the CLI resolves it).
+            cache_dir: str | Path | None = None, on_event: OnEvent | None = None) -> DistillResult:
+    """Distill the teacher (or an ensemble of teachers; cards or their paths) into ``student`` on
+    the images of ``data`` (an index file or folder, or a list of them), with ``config`` a
+    :class:`DistillConfig`, a dict of some of its keys, or a YAML file (its ``distill:`` section).
 
     Under torchrun: DistributedDataParallel on the student (never the teacher), the batch size
-    global; rank 0 writes and returns the result (the other ranks return None)."""
-    teachers = [teachers] if isinstance(teachers, ModelCard) else list(teachers)
+    global; rank 0 writes, every rank gets the result."""
+    teachers = as_cards(teachers, "--teacher")
     data = [data] if isinstance(data, (str, Path)) else list(data)
     plan = check_config(teachers, config)
     card, config, method, obj_cfg, terms, loop, info = (teachers[0], plan.config, plan.method, plan.objective,
@@ -187,42 +192,42 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: str |
                 "eval_data": data_digest(eval_data) if eval_data is not None else None,
                 "config": {**json.loads(json.dumps(config)), "online": _online_identity(terms["online"])}}
     v_rows = labeled_paths(eval_data, card.classes, flag="--eval-data")[0] if eval_data is not None else None
-    reads = [*card_files("--teacher", *teachers), *(card_files("--student", student_init) if student_init else ()),
-             *(("--data", p) for p in data), ("--eval-data", eval_data)]
-    with open_run(out, "distill", rt.ranks, reads=reads) as run:
-        run.claim(identity, overwrite, added=ADDED, on_event=on_event)
+    inputs = [*card_inputs("--teacher", teachers), *(card_inputs("--student", [student_init], "student")
+                                                       if student_init else ()),
+              *(Input(f"data{i}", "--data", p) for i, p in enumerate(data)), Input("eval_data", "--eval-data", eval_data)]
+
+    def body(run: Run) -> DistillResult:
         val = None
         if v_rows is not None:
-            val = decode_images(v_rows.paths, card.input, v_rows.labels, batch_size=loop.batch_size, workers=rt.workers, what="--eval-data",
-                                cache_dir=cache_dir, ranks=rt.ranks)
-        train = decode_images(rows.paths, card.input, rows.labels, batch_size=loop.batch_size, workers=rt.workers, what="--data",
-                              cache_dir=cache_dir, ranks=rt.ranks, on_event=on_event)
+            val = decode_images(v_rows.paths, card.input, v_rows.labels, batch_size=loop.batch_size,
+                                workers=rt.workers, what="--eval-data", cache_dir=cache_dir, ranks=rt.ranks)
+        train = decode_images(rows.paths, card.input, rows.labels, batch_size=loop.batch_size, workers=rt.workers,
+                              what="--data", cache_dir=cache_dir, ranks=rt.ranks, on_event=run.on_event)
         train.skipped = rows.problems + train.skipped
-        train, counts, info["confidence"] = _finite_teacher(teacher.model, train, card, rt.device, loop,
-                                                            on_event if rt.ranks.main else None)
+        train, counts, info["confidence"] = _finite_teacher(teacher.model, train, card, rt.device, loop, run.on_event)
         info["class_counts"] = counts.tolist()
-        if rt.ranks.main:
-            write_json(out / "class_counts.json", {"class_counts": info["class_counts"], "images": len(train)})
+        run.write_json("class_counts.json", {"class_counts": info["class_counts"], "images": len(train)})
         objective = WithTerms(build_objective(method, card.num_classes, obj_cfg, info), card.num_classes,
                               terms, **dims)
-        if rt.ranks.main:
-            write_text(out / "config.yaml", yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=False))
-            write_index(out / "skipped.tsv", train.skipped, ["path", "reason"])
-        if on_event and rt.ranks.main:
-            on_event(Note(objective.describe()))
-        result = run_loop(s_model, objective, train, card.input, loop, out, rt, teacher=teacher, val=val,
-                          stop_after=stop_after, tensorboard=tensorboard, on_event=on_event)
-        if not rt.ranks.main:
-            return None
-        val_top1 = accuracy(s_model, val, card.input, rt.device, loop) if val is not None else None
-        student_card = save_card(out / "student.yaml", arch, card.num_classes, card.input, s_model.state_dict(),
-                                 arch_args, keep=result.finished_before, classes=card.classes, kind="student",
-                                 notes=f"dfkd distill --method {method} from {card.path}")
-        inputs = teacher_inputs(teachers)
-        write_manifest(out, "distill", config, {**inputs, **{f"data{i}": p for i, p in enumerate(data)}},
-                       input_spec=input_record(card), objective=objective.describe(), student=student,
-                       ranks=rt.ranks.world,
-                       summary={"steps": result.steps, "last": result.last, "best": result.best,
-                                "val_top1": val_top1})
-        return DistillResult(student_card, result.steps, result.last, result.best, val_top1, objective.describe(),
-                             result.resumed_from, len(train), len(train.skipped))
+        run.write_text("config.yaml", yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=False))
+        run.write_index("skipped.tsv", train.skipped, ["path", "reason"])
+        run.event(Note(objective.describe()))
+        result = run_loop(s_model, objective, train, card.input, loop, run.out, rt, teacher=teacher, val=val,
+                          stop_after=stop_after, tensorboard=tensorboard, on_event=run.on_event)
+
+        def finish() -> DistillResult:
+            val_top1 = accuracy(s_model, val, card.input, rt.device, loop) if val is not None else None
+            student_card = save_card(run.out / "student.yaml", arch, card.num_classes, card.input,
+                                     s_model.state_dict(), arch_args, keep=result.finished_before,
+                                     classes=card.classes, kind="student",
+                                     notes=f"dfkd distill --method {method} from {card.path}")
+            run.manifest(config, input_record(card), objective=objective.describe(), student=student,
+                         ranks=rt.ranks.world, summary={"steps": result.steps, "last": result.last,
+                                                        "best": result.best, "val_top1": val_top1})
+            return DistillResult(student_card, result.steps, result.last, result.best, val_top1,
+                                 objective.describe(), result.resumed_from, len(train), len(train.skipped))
+
+        return run.on_main(finish)
+
+    return DISTILL.execute(out, rt, inputs, body, identity=identity, overwrite=overwrite, added=ADDED,
+                           on_event=on_event)

@@ -17,16 +17,17 @@ import numpy as np
 import torch
 
 from ..cards import input_record, load_card
+from ..config import resolve
 from ..engine import Segment, score_run, stream
 from ..errors import DfkdError
 from ..images import open_labeled, open_pool
-from ..index import Index, write_index
-from ..rundir import open_run, write_manifest
+from ..index import Index
+from ..lifecycle import Command, Input, Run, card_inputs
 from ..runtime import setup
 from ..select.candidates import SLACK, Look, check_dedup, drop_duplicates, look_again
 from ..select.dedup import NEAR_DUPLICATE_COSINE
 from ..select.policies import POLICIES, StreamingChoice
-from ..teacher import card_digest, card_files, load_teacher, teacher_inputs
+from ..teacher import card_digest, load_teacher
 from .train import load_pu
 
 
@@ -79,19 +80,38 @@ class Acceptance:
                 "repeat_positive": self.repeat_positive, "dedup": self.dedup, "near": self.near}  # as select's
 
 
-def expand(pu_card: str | Path, positive: str | Path, unlabeled: str | Path, out: str | Path, *,
-           threshold: float | None = 0.0, num: int | None = None, repeat_positive: int = 1,
-           dedup: str = "near", near: float | None = None,
-           teacher: str | Path | None = None, batch_size: int = 256, workers: int | None = None,
-           device: str = "auto", amp: bool | None = None, overwrite: bool = False,
-           on_progress: Callable[[int, int], None] | None = None) -> ExpandResult | None:
-    """Write ``out/expanded.tsv`` (positives, then accepted pool images best first) and pu_scores.tsv.
+@dataclass
+class ExpandConfig:
+    """expand's settings: defaults here -> ``--config`` (its ``expand:`` section) -> ``--set`` -> flags."""
 
-    The pool is scored by the engine (sharded under torchrun, resumable); rank 0 returns the result.
-    Unless ``dedup="off"``, rank 0 then reads the accepted images again (at most 4× ``num`` with
-    ``num``) and drops exact and near duplicates, of each other and of the positives, as
+    threshold: float = 0.0  # keep pool images with g(x) > threshold (PU Compression: 0)
+    num_images: int | None = None  # the top N instead of a threshold
+    repeat_positive: int = 1
+    dedup: str = "near"
+    near_duplicate: float = NEAR_DUPLICATE_COSINE
+    batch_size: int = 256
+
+    def acceptance(self) -> Acceptance:
+        return Acceptance(self.threshold, self.num_images, self.repeat_positive, self.dedup, self.near_duplicate)
+
+
+EXPAND = Command("expand", ("expanded.tsv", "pu_scores.tsv", "skipped.tsv", "duplicates.tsv"), ExpandConfig)
+
+
+def expand(pu_card: str | Path, positive: str | Path, unlabeled: str | Path, out: str | Path,
+           config: ExpandConfig | dict | str | Path | None = None, *, teacher: str | Path | None = None,
+           workers: int | None = None, device: str = "auto", amp: bool | None = None, overwrite: bool = False,
+           on_progress: Callable[[int, int], None] | None = None, **settings) -> ExpandResult:
+    """Write ``out/expanded.tsv`` (positives, then accepted pool images best first) and pu_scores.tsv.
+    ``config``: an :class:`ExpandConfig`, a dict or a YAML file (its ``expand:`` section);
+    ``settings`` override its keys (``num_images=500``).
+
+    The pool is scored by the engine (sharded under torchrun, resumable); every rank gets the
+    result. Unless ``dedup="off"``, rank 0 then reads the accepted images again (at most 4×
+    ``num_images``) and drops exact and near duplicates, of each other and of the positives, as
     ``select`` does (listed in duplicates.tsv)."""
-    accept = Acceptance(threshold, num, repeat_positive, dedup, NEAR_DUPLICATE_COSINE if near is None else near)
+    cfg = resolve(ExpandConfig, config, flags=settings, command="expand")
+    accept, batch_size = cfg.acceptance(), cfg.batch_size
     rt = setup(device, amp, workers)
     model, card, pu = load_pu(pu_card, rt.device)
     if teacher is not None and not Path(teacher).is_file():
@@ -114,30 +134,27 @@ def expand(pu_card: str | Path, positive: str | Path, unlabeled: str | Path, out
     def reader(paths: list[str]) -> Look:
         return look_again(model, card.input, paths, rt, batch_size=batch_size)
 
-    identity = {"pu": card_digest(card), "teacher": t.identity() if t else None}
-    reads = [*card_files("--pu", card), *(card_files("--teacher", *t.cards) if t else ()),
-             ("--unlabeled", unlabeled), ("--positive", positive)]
-    with open_run(out, "expand", rt.ranks, reads=reads) as run:
-        segment = score_run(run, rt, unlabeled, "--unlabeled", identity, model, card.input, rows,
-                            (float, int, str), batch_size=batch_size, overwrite=overwrite,
-                            on_progress=on_progress, forward=both)
+    def body(run: Run) -> ExpandResult:
+        segment = score_run(run, unlabeled, "--unlabeled", {"pu": card_digest(card), "teacher": t.identity() if t else None},
+                            model, card.input, rows, (float, int, str), batch_size=batch_size, forward=both)
         # positives are decoded too, so that a truncated one is recorded, not written as a positive
         checked = [r for got in stream(model, card.input, lambda: iter(pos.rows), len(pos), rows, rt,
                                        batch_size=batch_size, forward=both) for r in got]
-        if not rt.ranks.main:
-            return None
-        inputs = {"pu": pu_card, "positive": pos.source, "unlabeled": unlabeled,
-                  **(teacher_inputs(t.cards) if t else {})}
-        return _write(segment, pos, checked, Path(out), accept, reader, classes if t else None,
-                      {"options": {**accept.options(), **rt.options()}, "inputs": inputs, "prior": pu.get("prior"),
-                       "input": input_record(card)})
+        record = {"options": {**accept.options(), **rt.options()}, "prior": pu.get("prior"),
+                  "input": input_record(card)}
+        return run.on_main(lambda: _write(run, segment, pos, checked, accept, reader, classes if t else None, record))
+
+    inputs = [*card_inputs("--pu", [card], "pu"), Input("positive", "--positive", pos.source),
+              Input("unlabeled", "--unlabeled", unlabeled), *(card_inputs("--teacher", t.cards) if t else ())]
+    return EXPAND.execute(out, rt, inputs, body, overwrite=overwrite, on_progress=on_progress)
 
 
-def _write(segment: Segment, pos: Index, checked: list[tuple], out: Path, accept: Acceptance,
+def _write(run: Run, segment: Segment, pos: Index, checked: list[tuple], accept: Acceptance,
            reader: Callable[[list[str]], Look], classes: list[str] | None, record: dict) -> ExpandResult:
     """Choose, write expanded.tsv, pu_scores.tsv, skipped.tsv, duplicates.tsv and the manifest.
     ``classes``: the teacher's (None without a teacher: no per-class counts); ``record``: the
-    manifest's options, inputs and the PU card's prior."""
+    manifest's options, input spec and the PU card's prior."""
+    out = run.out
     skipped = list(segment.listing.problems)
     skipped += [{"path": r["path"], "reason": c[2]} for r, c in zip(pos.rows, checked) if c[2]]
     positives = [{**r, "source": "positive"} for r, c in zip(pos.rows, checked) if not c[2]]
@@ -162,9 +179,9 @@ def _write(segment: Segment, pos: Index, checked: list[tuple], out: Path, accept
             if num is not None or g > accept.threshold:
                 choice.push(-g, max(y, 0), row)  # best first = highest g(x); pruned when num is given
 
-    files = {"pu_scores": write_index(out / "pu_scores.tsv", pool_rows(), columns)}
+    files = {"pu_scores": run.write_index("pu_scores.tsv", pool_rows(), columns)}
     if scored == 0:
-        write_index(out / "skipped.tsv", skipped, ["path", "reason"])
+        run.write_index("skipped.tsv", skipped, ["path", "reason"])
         raise DfkdError(f"--unlabeled {segment.listing.source}: no image could be scored")
     keep, dropped = None, 0
     if dedup and choice.candidates():
@@ -176,8 +193,8 @@ def _write(segment: Segment, pos: Index, checked: list[tuple], out: Path, accept
                                                              keep_first=len(positives))
         keep = keep[len(positives):]
     chosen = choice.result(num, keep)
-    files["expanded"] = write_index(out / "expanded.tsv", positives * accept.repeat_positive + chosen, columns)
-    files["skipped"] = write_index(out / "skipped.tsv", skipped, ["path", "reason"])
+    files["expanded"] = run.write_index("expanded.tsv", positives * accept.repeat_positive + chosen, columns)
+    files["skipped"] = run.write_index("skipped.tsv", skipped, ["path", "reason"])
     counts = None
     if classes is not None:
         counts = np.bincount(np.array([r["teacher_label"] for r in chosen], dtype=np.int64),
@@ -187,7 +204,6 @@ def _write(segment: Segment, pos: Index, checked: list[tuple], out: Path, accept
                "class_counts": counts, "prior": record["prior"]}
     if "duplicates" in files:
         summary["duplicates"] = dropped
-    files["manifest"] = write_manifest(out, "expand", record["options"], record["inputs"],
-                                       input_spec=record["input"], summary=summary)
+    files["manifest"] = run.manifest(record["options"], record["input"], summary=summary)
     return ExpandResult(out, pool_size, len(skipped), len(chosen), len(positives), counts,
                         classes or [], files, dropped)

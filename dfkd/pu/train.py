@@ -19,16 +19,16 @@ import numpy as np
 import torch
 import yaml
 
-from ..cards import ModelCard, build_arch, input_record, load_card, read_state_dict
+from ..cards import CardLike, ModelCard, as_cards, build_arch, input_record, load_card, read_state_dict
+from ..config import resolve
 from ..errors import DfkdError
 from ..events import Note, OnEvent
 from ..images import pool_paths
-from ..index import write_index
-from ..io import atomic_write, write_text
+from ..io import atomic_write
+from ..lifecycle import Command, Input, Run, card_inputs
 from ..pool import data_digest
-from ..rundir import open_run, write_manifest
 from ..runtime import setup
-from ..teacher import card_digest, card_files, teacher_inputs
+from ..teacher import card_digest
 from ..train.data import decode_images
 from ..train.loop import LoopConfig, outputs, run_loop
 from ..train.objective import Batch, LoopObjective
@@ -118,6 +118,9 @@ def default_config() -> dict:
     return asdict(PuConfig())
 
 
+PU_TRAIN = Command("pu-train", ("pu.yaml", "pu.pt", "skipped.tsv", "config.yaml", "tensorboard"), PuConfig)
+
+
 @dataclass
 class PuResult:
     card: Path
@@ -134,14 +137,15 @@ class PuResult:
     prior_estimate: PriorEstimate | None = None  # prior: auto
 
 
-def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, out: str | Path,
-             config: PuConfig | dict, *, workers: int | None = None, device: str = "auto",
+def pu_train(teacher: CardLike, positive: str | Path, unlabeled: str | Path, out: str | Path,
+             config: PuConfig | dict | str | Path | None = None, *, workers: int | None = None, device: str = "auto",
              stop_after: int | None = None, overwrite: bool = False, tensorboard: bool = False,
-             cache_dir: str | Path | None = None, on_event: OnEvent | None = None) -> PuResult | None:
-    """Train the PU classifier with ``config`` (a :class:`PuConfig` or the dict the CLI resolves);
-    write ``out/pu.yaml`` and its weights."""
-    out = Path(out)
-    cfg = config if isinstance(config, PuConfig) else PuConfig(**config)
+             cache_dir: str | Path | None = None, on_event: OnEvent | None = None) -> PuResult:
+    """Train the PU classifier with ``config`` (a :class:`PuConfig`, a dict of some of its keys,
+    or a YAML file: its ``pu-train:`` section); write ``out/pu.yaml`` and its weights. Every
+    rank gets the result."""
+    teacher = as_cards(teacher, "--teacher")[0]
+    cfg = resolve(PuConfig, config, command="pu-train")
     cfg.check()
     prior, beta, gamma = (cfg.nnpu[k] for k in ("prior", "beta", "gamma"))
     rt = setup(device, cfg.amp, workers, training=True)
@@ -160,14 +164,18 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
     positives, pool = pool_paths(positive, "--positive"), pool_paths(unlabeled, "--unlabeled")
     spec = teacher.input
     options = asdict(cfg)
-    reads = [*card_files("--teacher", teacher), ("--positive", positive), ("--unlabeled", unlabeled)]
-    with open_run(out, "pu-train", rt.ranks, reads=reads) as run:
-        run.claim({"teacher": card_digest(teacher), "positive": data_digest(positive),
-                   "unlabeled": data_digest(unlabeled), "config": options}, overwrite, on_event=on_event)
+    inputs = [*card_inputs("--teacher", [teacher]), Input("positive", "--positive", positives.source),
+              Input("unlabeled", "--unlabeled", pool.source)]
+    identity = {"teacher": card_digest(teacher), "positive": data_digest(positive),
+                "unlabeled": data_digest(unlabeled), "config": options}
+
+    def body(run: Run) -> PuResult:
+        prior = cfg.nnpu["prior"]
         # one decoded set (in memory or the on-disk cache): the positives first, then the pool
         labels = np.concatenate([np.ones(len(positives), np.int64), np.zeros(len(pool), np.int64)])
         both = decode_images(positives.paths + pool.paths, spec, labels, batch_size=cfg.batch_size, workers=rt.workers,
-                             what="--positive and --unlabeled", cache_dir=cache_dir, ranks=rt.ranks, on_event=on_event)
+                             what="--positive and --unlabeled", cache_dir=cache_dir, ranks=rt.ranks,
+                             on_event=run.on_event)
         is_pos = both.labels == 1
         for flag, listed, decoded in (("--positive", positives, is_pos), ("--unlabeled", pool, ~is_pos)):
             if not bool(decoded.any()):
@@ -178,46 +186,45 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
             features = outputs(_Pooled(model), both, spec, rt.device, cfg)
             estimate = estimate_prior(features[pos_rows], features[unl_rows], cfg.seed)
             prior = estimate.prior
-            if on_event and rt.ranks.main:
-                on_event(Note(f"prior estimated: {prior:.4f} (range {estimate.low:.4f}..{estimate.high:.4f})"
-                              f" by {estimate.method}"))
+            run.event(Note(f"prior estimated: {prior:.4f} (range {estimate.low:.4f}..{estimate.high:.4f})"
+                           f" by {estimate.method}"))
         objective = NnpuObjective(prior, beta, gamma)
         skipped = positives.problems + pool.problems + both.skipped
-        if rt.ranks.main:
-            write_index(out / "skipped.tsv", skipped, ["path", "reason"])
-            write_text(out / "config.yaml", yaml.safe_dump(options, sort_keys=False))  # the resolved config
+        run.write_index("skipped.tsv", skipped, ["path", "reason"])
+        run.write_text("config.yaml", yaml.safe_dump(options, sort_keys=False))  # the resolved config
         n_hold = int(len(pos_rows) * cfg.holdout) if len(pos_rows) >= 5 else 0
         perm = torch.randperm(len(pos_rows), generator=torch.Generator().manual_seed(cfg.seed))
         hold, fit = perm[:n_hold].sort().values, perm[n_hold:].sort().values
         repeat = positive_repeat(cfg.positive_share, len(unl_rows), len(fit))
         fit_rep = fit.repeat(repeat)
         train = both.subset(torch.cat([pos_rows[fit_rep], unl_rows]))
-        result = run_loop(model, objective, train, spec, cfg, out, rt, stop_after=stop_after,
-                          tensorboard=tensorboard, on_event=on_event)
-        if not rt.ranks.main:
-            return None
-        positive = outputs(model, both, spec, rt.device, cfg) > 0  # one pass; no copy of the pool's images
-        recall = float(positive[pos_rows[hold]].float().mean()) if n_hold else None
-        share = float(positive[unl_rows].float().mean())
-        weights = out / "pu.pt"
-        atomic_write(weights, lambda f: torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f),
-                     "wb")
-        card = {"kind": "pu", "arch": arch, "num_classes": teacher.num_classes, "weights": weights.name,
-                "input": spec.to_dict(), "arch_args": arch_args or None,
-                "pu": {"taps": model.taps, "reduction": cfg.model["reduction"], "prior": prior,
-                       "teacher": str(teacher.path.resolve()), "heldout_positive_recall": recall,
-                       "pool_positive_share": share, "teacher_keys_loaded": loaded, "backbone_keys": keys,
-                       "prior_estimate": estimate.to_dict() if estimate else None}}
-        card_path = write_text(out / "pu.yaml", yaml.safe_dump({k: v for k, v in card.items() if v is not None},
-                                                               sort_keys=False))
-        write_manifest(out, "pu-train", {**options, "positive_repeat": repeat},
-                       {**teacher_inputs([teacher]), "positive": positives.source, "unlabeled": pool.source},
-                       input_spec=input_record(teacher),
-                       summary={"heldout_positive_recall": recall, "pool_positive_share": share,
-                                "teacher_keys_loaded": loaded, "backbone_keys": keys, "prior": prior,
-                                "prior_estimate": estimate.to_dict() if estimate else None})
-        return PuResult(card_path, result.steps, loaded, keys, recall, share, prior, len(fit), len(unl_rows),
-                        len(skipped), result.resumed_from, estimate)
+        result = run_loop(model, objective, train, spec, cfg, run.out, rt, stop_after=stop_after,
+                          tensorboard=tensorboard, on_event=run.on_event)
+
+        def finish() -> PuResult:
+            positive = outputs(model, both, spec, rt.device, cfg) > 0  # one pass; no copy of the pool's images
+            recall = float(positive[pos_rows[hold]].float().mean()) if n_hold else None
+            share = float(positive[unl_rows].float().mean())
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            weights = run.write("pu.pt", lambda p: atomic_write(p, lambda f: torch.save(state, f), "wb"))
+            card = {"kind": "pu", "arch": arch, "num_classes": teacher.num_classes, "weights": weights.name,
+                    "input": spec.to_dict(), "arch_args": arch_args or None,
+                    "pu": {"taps": model.taps, "reduction": cfg.model["reduction"], "prior": prior,
+                           "teacher": str(teacher.path.resolve()), "heldout_positive_recall": recall,
+                           "pool_positive_share": share, "teacher_keys_loaded": loaded, "backbone_keys": keys,
+                           "prior_estimate": estimate.to_dict() if estimate else None}}
+            card_path = run.write_text("pu.yaml", yaml.safe_dump({k: v for k, v in card.items() if v is not None},
+                                                                 sort_keys=False))
+            run.manifest({**options, "positive_repeat": repeat}, input_record(teacher),
+                         summary={"heldout_positive_recall": recall, "pool_positive_share": share,
+                                  "teacher_keys_loaded": loaded, "backbone_keys": keys, "prior": prior,
+                                  "prior_estimate": estimate.to_dict() if estimate else None})
+            return PuResult(card_path, result.steps, loaded, keys, recall, share, prior, len(fit), len(unl_rows),
+                            len(skipped), result.resumed_from, estimate)
+
+        return run.on_main(finish)
+
+    return PU_TRAIN.execute(out, rt, inputs, body, identity=identity, overwrite=overwrite, on_event=on_event)
 
 
 class _Pooled(torch.nn.Module):

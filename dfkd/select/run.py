@@ -20,14 +20,15 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..cards import ModelCard, input_record, load_card
+from ..cards import CardLike, ModelCard, as_cards, input_record, load_card
+from ..config import resolve
 from ..engine import RowFile, Segment, score_run
 from ..errors import DfkdError
-from ..index import open_index, write_index
+from ..index import open_index
+from ..lifecycle import Command, Input, Run, card_inputs
 from ..pool import Listing
-from ..rundir import RunDir, open_run, write_manifest
-from ..runtime import Runtime, resolve_device, setup
-from ..teacher import Teacher, card_files, load_teacher, teacher_inputs
+from ..runtime import Runtime, setup
+from ..teacher import Teacher, load_teacher
 from .candidates import (SLACK, THUMB, Look, check_dedup, digests_of, drop_duplicates, teacher_look, thumb_array,
                          thumb_text, thumbnail)
 from .dedup import NEAR_DUPLICATE_COSINE
@@ -90,7 +91,7 @@ class Budget:
     def __post_init__(self) -> None:
         if self.num is not None and self.ratio is not None:
             raise DfkdError("give at most one of --num-images and --ratio")
-        if isinstance(self.num, str) and self.num != "auto":
+        if self.num is not None and self.num != "auto" and (isinstance(self.num, bool) or not isinstance(self.num, int)):
             raise DfkdError(f"--num-images {self.num!r}: expected a whole number or auto")
         if isinstance(self.num, int) and self.num < 1:
             raise DfkdError(f"--num-images {self.num}: must be at least 1")
@@ -108,6 +109,27 @@ class Budget:
 
     def options(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class SelectConfig:
+    """select's settings: defaults here -> ``--config`` (its ``select:`` section) -> ``--set`` -> flags."""
+
+    num_images: int | str | None = None  # None: every scored image (or --ratio); auto: estimated
+    ratio: float | None = None
+    max_score: float | None = None
+    policy: str = "per-class"
+    score: str = "noise"
+    dedup: str = "near"
+    near_duplicate: float = NEAR_DUPLICATE_COSINE
+    batch_size: int = 256
+    seed: int = 0  # the random scorer's
+
+    def budget(self) -> Budget:
+        return Budget(self.num_images, self.ratio, self.max_score, self.policy, self.dedup, self.near_duplicate)
+
+
+SELECT = Command("select", ("scores.tsv", "selected.tsv", "skipped.tsv", "duplicates.tsv"), SelectConfig)
 
 
 def _score_rows(teacher: Teacher, score: str, seed: int):
@@ -132,61 +154,61 @@ def _logits_and_thumbnails(model: torch.nn.Module, x: torch.Tensor) -> torch.Ten
     return torch.cat([model(x).float(), thumbnail(x)], 1)
 
 
-def score_pool(teacher: Teacher, pool: str | Path, run: RunDir, rt: Runtime, *, score: str, seed: int,
-               batch_size: int, shard: tuple[int, int] | None = None, overwrite: bool = False,
-               on_progress: Callable[[int, int], None] | None = None) -> Segment:
+def score_pool(teacher: Teacher, pool: str | Path, run: Run, *, score: str, seed: int, batch_size: int,
+               shard: tuple[int, int] | None = None) -> Segment:
     """List and score the pool (or one shard of it) into ``run``, resuming."""
     identity = {"teacher": teacher.identity(), "score": score, "seed": seed if score == "random" else None}
-    return score_run(run, rt, pool, "--pool", identity, teacher.model, teacher.card.input,
+    return score_run(run, pool, "--pool", identity, teacher.model, teacher.card.input,
                      _score_rows(teacher, score, seed), ROW_TYPES, batch_size=batch_size, shard=shard,
-                     overwrite=overwrite, on_progress=on_progress, forward=_logits_and_thumbnails,
+                     forward=_logits_and_thumbnails,
                      info={"teachers": [str(c.path.resolve()) for c in teacher.cards]})
 
 
-def select_pool(teachers: ModelCard | Sequence[ModelCard], pool: str | Path, out: str | Path, *,
-                num: int | str | None = None, ratio: float | None = None, max_score: float | None = None,
-                policy: str = "per-class", dedup: str = "near", near: float | None = None,
-                score: str = "noise", batch_size: int = 256, workers: int | None = None, device: str = "auto",
-                amp: bool | None = None, seed: int = 0, shard: tuple[int, int] | None = None,
-                overwrite: bool = False, on_progress: Callable[[int, int], None] | None = None) -> SelectResult | None:
+def select_pool(teachers: CardLike | Sequence[CardLike], pool: str | Path, out: str | Path,
+                config: SelectConfig | dict | str | Path | None = None, *, shard: tuple[int, int] | None = None,
+                workers: int | None = None, device: str = "auto", amp: bool | None = None, overwrite: bool = False,
+                on_progress: Callable[[int, int], None] | None = None, **settings) -> SelectResult:
     """Score ``pool`` with the teacher (or the ensemble of ``teachers``, MEAL V2's averaged softmax)
-    and write scores/selected/skipped.tsv into ``out``. Under torchrun every rank scores its share;
-    rank 0 writes and returns the result (the other ranks return None).
+    and write scores/selected/skipped.tsv into ``out``. ``config``: a :class:`SelectConfig`, a dict
+    or a YAML file (its ``select:`` section); ``settings`` override its keys (``num_images=2000``).
+    Under torchrun every rank scores its share and gets the result; rank 0 writes.
 
     With ``shard=(i, n)`` only the i-th of n slices is scored (scores.tsv and skipped.tsv, no
     selection); :func:`merge_shards` selects from the shards. ``dedup`` ("near", "exact", "off")
-    drops exact duplicates and near ones (cosine of their thumbnails >= ``near``, default
-    :data:`~dfkd.select.dedup.NEAR_DUPLICATE_COSINE`) before the budget is spent. ``num="auto"``
-    selects the estimated in-distribution count (:mod:`dfkd.select.estimate`)."""
-    budget = Budget(num, ratio, max_score, policy, dedup, NEAR_DUPLICATE_COSINE if near is None else near)
-    _check_auto(budget, score)
-    if score not in SCORERS:
-        raise DfkdError(f"--score {score!r}: expected one of {', '.join(SCORERS.keys())}")
+    drops exact duplicates and near ones (cosine of their thumbnails >= ``near_duplicate``)
+    before the budget is spent. ``num_images="auto"`` selects the estimated in-distribution
+    count (:mod:`dfkd.select.estimate`)."""
+    cfg = resolve(SelectConfig, config, flags=settings, command="select")
+    budget = cfg.budget()
+    _check_auto(budget, cfg.score)
+    if cfg.score not in SCORERS:
+        raise DfkdError(f"--score {cfg.score!r}: expected one of {', '.join(SCORERS.keys())}")
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise DfkdError(f"--shard {shard[0]}/{shard[1]}: expected I/N with 0 <= I < N")
+    cards = as_cards(teachers, "--teacher")
     rt = setup(device, amp, workers)
-    cards = [teachers] if isinstance(teachers, ModelCard) else list(teachers)
-    with open_run(out, "select", rt.ranks, reads=[*card_files("--teacher", *cards), ("--pool", pool)]) as run:
-        teacher = load_teacher(teachers, rt.device)
-        segment = score_pool(teacher, pool, run, rt, score=score, seed=seed, batch_size=batch_size,
-                             shard=shard, overwrite=overwrite, on_progress=on_progress)
-        if not rt.ranks.main:
-            return None
-        options = dict(**budget.options(), score=score, seed=seed, batch_size=batch_size,
+
+    def body(run: Run) -> SelectResult:
+        teacher = load_teacher(cards, rt.device)
+        segment = score_pool(teacher, pool, run, score=cfg.score, seed=cfg.seed, batch_size=cfg.batch_size,
+                             shard=shard)
+        options = dict(**budget.options(), score=cfg.score, seed=cfg.seed, batch_size=cfg.batch_size,
                        shard=list(shard) if shard else None, **rt.options())
-        inputs = teacher_inputs(teacher.cards)
-        return finish([segment], teacher.card, Path(out), budget if shard is None else None, options,
-                      {**inputs, "pool": pool}, _reader(teacher, rt, batch_size), _reference(teacher.cards))
+        return run.on_main(lambda: finish(run, [segment], teacher.card, budget if shard is None else None, options,
+                                          _reader(teacher, rt, cfg.batch_size), _reference(cards)))
+
+    return SELECT.execute(out, rt, [*card_inputs("--teacher", cards), Input("pool", "--pool", pool)], body,
+                          overwrite=overwrite, on_progress=on_progress)
 
 
-def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path, *, num: int | str | None = None,
-                 ratio: float | None = None, max_score: float | None = None, policy: str = "per-class",
-                 dedup: str = "near", near: float | None = None, batch_size: int = 256,
-                 workers: int | None = None, device: str = "auto", amp: bool | None = None,
-                 overwrite: bool = False) -> SelectResult:
+def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path,
+                 config: SelectConfig | dict | str | Path | None = None, *, workers: int | None = None,
+                 device: str = "auto", amp: bool | None = None, overwrite: bool = False, **settings) -> SelectResult:
     """Select from the union of ``select --shard I/N`` runs: the same files as one run (the
-    candidates are read again with the shards' teacher on ``device``)."""
-    budget = Budget(num, ratio, max_score, policy, dedup, NEAR_DUPLICATE_COSINE if near is None else near)
+    candidates are read again with the shards' teacher on ``device``). ``config`` and
+    ``settings`` as :func:`select_pool`'s (its score and seed are the shards')."""
+    cfg = resolve(SelectConfig, config, flags=settings, command="select")
+    budget = cfg.budget()
     shards = []
     for given in map(Path, shard_dirs):
         found = [given] if _is_shard(given) else sorted(p for p in given.iterdir() if _is_shard(p)) \
@@ -221,17 +243,19 @@ def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path, *, num: int 
         segments.append(Segment(Listing(listing_path, columns, count, same["pool"], Path(first["pool"]),
                                         first["problems"]), lo, hi, rows))
     cards = [load_card(t) for t in first["teachers"]]
-    card = cards[0]
-    with open_run(out, "select", reads=[*(("--merge", d) for _, d in shards), *card_files("--teacher", *cards)]) as run:
-        run.claim({"merge": [m["identity"] for m, _ in shards]}, overwrite)
-        options = dict(**budget.options(), merged=[str(d) for _, d in shards])
+    rt = setup(device, amp, workers)
+    options = dict(**budget.options(), merged=[str(d) for _, d in shards])
 
-        def read(paths: list[str], features: bool) -> Look:  # the teacher is loaded only if it is needed
-            rt = setup(device, amp, workers)
-            return _reader(load_teacher(cards, rt.device), rt, batch_size).read(paths, features)
+    def read(paths: list[str], features: bool) -> Look:  # the teacher is loaded only if it is needed
+        return _reader(load_teacher(cards, rt.device), rt, cfg.batch_size).read(paths, features)
 
-        return finish(segments, card, Path(out), budget, options, teacher_inputs(cards),
-                      Reader(read, str(resolve_device(device))), _reference(cards))
+    def body(run: Run) -> SelectResult:
+        return run.on_main(lambda: finish(run, segments, cards[0], budget, options, Reader(read, str(rt.device)),
+                                          _reference(cards)))
+
+    inputs = [*(Input(f"merge{i}", "--merge", d) for i, (_, d) in enumerate(shards)), *card_inputs("--teacher", cards)]
+    return SELECT.execute(out, rt, inputs, body, identity={"merge": [m["identity"] for m, _ in shards]},
+                          overwrite=overwrite)
 
 
 def _reader(teacher: Teacher, rt: Runtime, batch_size: int) -> Reader:
@@ -254,22 +278,20 @@ def _is_shard(d: Path) -> bool:
     return (d / ".scoring" / "shard.json").is_file()
 
 
-def finish(segments: list[Segment], card: ModelCard, out: Path, budget: Budget | None, options: dict,
-           inputs: dict, reader: Reader | None = None,
-           reference: tuple[dict | None, str] = (None, "")) -> SelectResult:
+def finish(run: Run, segments: list[Segment], card: ModelCard, budget: Budget | None, options: dict,
+           reader: Reader | None = None, reference: tuple[dict | None, str] = (None, "")) -> SelectResult:
     """Write scores.tsv, skipped.tsv and (with a ``budget``; a shard has none) selected.tsv from
     the scored rows, streaming: the pool's scores are held as float32 (4 bytes an image), rows
     only if chosen. When duplicates are dropped or the policy needs features, the candidates are
     read again by ``reader`` (:func:`~dfkd.select.candidates.teacher_look`) and the duplicates are
-    listed in duplicates.tsv. ``options`` and ``inputs`` go to the manifest. A budget of
+    listed in duplicates.tsv. ``options`` go to the manifest. A budget of
     ``num="auto"`` is the in-distribution count estimated in one more pass over the rows, against
     ``reference`` (:func:`_reference`) when it holds quantiles."""
     values = np.fromiter((r[1] for s in segments for r in s.rows if not r[3]), dtype=np.float32)
     if len(values) == 0:
         skipped = [{"path": row["path"], "reason": r[3]} for s in segments for row, r in s]
-        _write_skipped(out, [*segments[0].listing.problems, *skipped])
-        raise DfkdError(f"no image of the pool could be scored ({len(skipped)} skipped; see the reasons"
-                        f" in {out / 'skipped.tsv'})")
+        path = _write_skipped(run, [*segments[0].listing.problems, *skipped])
+        raise DfkdError(f"no image of the pool could be scored ({len(skipped)} skipped; see the reasons in {path})")
     select = budget is not None
     budget = budget or Budget()
     estimate = None
@@ -299,18 +321,18 @@ def finish(segments: list[Segment], card: ModelCard, out: Path, budget: Budget |
                 if max_score is None or value <= max_score:
                     choice.push(value, label, row)
 
-    files = {"scores": write_index(out / "scores.tsv", scored(), columns)}
+    files = {"scores": run.write_index("scores.tsv", scored(), columns)}
     keep = features = None
     dropped = 0
     if second_look and choice.candidates():  # none: --max-score left nothing, said below
-        keep, features, dropped = _second_look(choice, budget, policy.needs_features, reader, out, skipped, files)
+        keep, features, dropped = _second_look(choice, budget, policy.needs_features, reader, run.out, skipped, files)
     picked = choice.result(k, keep, features) if select else []
     if select and not picked:
         raise DfkdError(f"--max-score {max_score}: no scored image has a score that low (the smallest is"
                         f" {float(values.min()):.4g}); the scores are in {files['scores']}")
     if select:
-        files["selected"] = write_index(out / "selected.tsv", picked, columns)
-    files["skipped"] = _write_skipped(out, skipped)
+        files["selected"] = run.write_index("selected.tsv", picked, columns)
+    files["skipped"] = _write_skipped(run, skipped)
     labels = np.array([r["label"] for r in picked], dtype=np.int64)
     counts = np.bincount(labels, minlength=card.num_classes).tolist()
     pool_size = sum(s.hi - s.lo for s in segments)
@@ -320,9 +342,8 @@ def finish(segments: list[Segment], card: ModelCard, out: Path, budget: Budget |
         summary["duplicates"] = dropped
     if estimate is not None:
         summary["in_distribution"] = estimate.to_dict()
-    files["manifest"] = write_manifest(out, "select", options, inputs, input_spec=input_record(card),
-                                       summary=summary)
-    return SelectResult(out, pool_size, len(values), len(skipped), len(picked), counts, quantiles(values),
+    files["manifest"] = run.manifest(options, input_record(card), summary=summary)
+    return SelectResult(run.out, pool_size, len(values), len(skipped), len(picked), counts, quantiles(values),
                         quantiles(np.array([r["score"] for r in picked])), card.class_names, files, dropped,
                         estimate)
 
@@ -350,5 +371,5 @@ def _second_look(choice: StreamingChoice, budget: Budget, needs_features: bool, 
     return keep, look.features, dropped
 
 
-def _write_skipped(out: Path, skipped: list[dict]) -> Path:
-    return write_index(out / "skipped.tsv", skipped, ["path", "reason"])
+def _write_skipped(run: Run, skipped: list[dict]) -> Path:
+    return run.write_index("skipped.tsv", skipped, ["path", "reason"])

@@ -13,17 +13,19 @@ from torch import nn
 
 from .. import shards
 from ..cards import build_arch, save_card
+from ..config import resolve
 from ..errors import DfkdError
 from ..events import OnEvent
 from ..images import InputSpec, labeled_paths
-from ..index import write_index
-from ..io import write_text
+from ..lifecycle import Command, Input, Run
 from ..pool import data_digest
-from ..rundir import open_run, write_manifest
 from ..runtime import setup
 from .data import channel_stats, decode_images, split
 from .loop import LoopConfig, accuracy, run_loop
 from .objective import Batch, LoopObjective
+
+
+TRAIN = Command("train", ("model.yaml", "model.pt", "skipped.tsv", "config.yaml", "tensorboard"), LoopConfig)
 
 
 class CrossEntropy(LoopObjective):
@@ -70,15 +72,17 @@ def _source(size: int | None, channels: int | None) -> str:
     return "training images" + (f", flags for {', '.join(given)}" if given else "")
 
 
-def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConfig, *, size: int | None = None,
+def train_classifier(arch: str, data: str | Path, out: str | Path, config: LoopConfig | dict | str | Path | None = None,
+                     *, size: int | None = None,
                      channels: int | None = None, val_split: float = 0.1, arch_args: dict | None = None,
                      workers: int | None = None, device: str = "auto", stop_after: int | None = None,
                      overwrite: bool = False, tensorboard: bool = False, cache_dir: str | Path | None = None,
-                     on_event: OnEvent | None = None) -> TrainResult | None:
-    """Train ``arch`` from scratch on an ImageFolder/index; write ``out/model.yaml``.
+                     on_event: OnEvent | None = None) -> TrainResult:
+    """Train ``arch`` from scratch on an ImageFolder/index; write ``out/model.yaml``. ``config``: a
+    :class:`LoopConfig`, a dict of some of its keys, or a YAML file (its ``train:`` section).
 
-    Under torchrun: DistributedDataParallel, ``cfg.batch_size`` global; rank 0 returns the result."""
-    out = Path(out)
+    Under torchrun: DistributedDataParallel, ``batch_size`` global; every rank gets the result."""
+    cfg = resolve(LoopConfig, config, command="train")
     cfg.check()
     if not 0 <= val_split < 1:  # NaN too
         raise DfkdError(f"--val-split {val_split}: must be at least 0 and below 1")
@@ -97,30 +101,34 @@ def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConf
                         f" {', '.join(map(str, empty[:5]))}{' ...' if len(empty) > 5 else ''} without images")
     spec = infer_spec(rows.paths[:50], size, channels)
     build_arch(arch, num_classes, spec.channels, arch_args)  # fail on a bad arch before decoding
-    with open_run(out, "train", rt.ranks, reads=[("--data", data)]) as run:
-        run.claim({"arch": arch, "arch_args": arch_args, "data": data_digest(data), "size": size,
-                   "channels": channels, "val_split": val_split, "config": asdict(cfg)}, overwrite,
-                  on_event=on_event)
-        full = decode_images(rows.paths, spec, labels, batch_size=cfg.batch_size, workers=rt.workers, what="--data", cache_dir=cache_dir,
-                             ranks=rt.ranks, on_event=on_event)
+    identity = {"arch": arch, "arch_args": arch_args, "data": data_digest(data), "size": size,
+                "channels": channels, "val_split": val_split, "config": asdict(cfg)}
+
+    def body(run: Run) -> TrainResult:
+        full = decode_images(rows.paths, spec, labels, batch_size=cfg.batch_size, workers=rt.workers, what="--data",
+                             cache_dir=cache_dir, ranks=rt.ranks, on_event=run.on_event)
         full.skipped = rows.problems + full.skipped
         spec.mean, spec.std = channel_stats(full, cfg.batch_size)
         train, val = split(full, val_split, cfg.seed) if val_split > 0 else (full, None)
         torch.manual_seed(cfg.seed)
         model = build_arch(arch, num_classes, spec.channels, arch_args)
-        if rt.ranks.main:
-            write_index(out / "skipped.tsv", full.skipped, ["path", "reason"])
-            write_text(out / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))  # the resolved config
-        result = run_loop(model, CrossEntropy(), train, spec, cfg, out, rt, val=val, stop_after=stop_after,
-                          tensorboard=tensorboard, on_event=on_event)
-        if not rt.ranks.main:
-            return None
-        val_top1 = accuracy(model, val, spec, rt.device, cfg) if val is not None else float("nan")
-        card = save_card(out / "model.yaml", arch, num_classes, spec, model.state_dict(), arch_args,
-                         keep=result.finished_before, classes=classes or None, kind="classifier",
-                         notes=f"trained by dfkd train on {data}; {val_split:.0%} validation split top-1 {val_top1:.4f}")
-        write_manifest(out, "train", {"arch": arch, "val_split": val_split, "size": list(spec.size),
-                                      "channels": spec.channels, **asdict(cfg)},
-                       {"data": data}, input_spec={**spec.to_dict(), "source": _source(size, channels)},
-                       summary={"val_top1": val_top1, "best": result.best, "steps": result.steps})
-        return TrainResult(card, val_top1, result.best, result.steps, len(full.skipped), result.resumed_from)
+        run.write_index("skipped.tsv", full.skipped, ["path", "reason"])
+        run.write_text("config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))  # the resolved config
+        result = run_loop(model, CrossEntropy(), train, spec, cfg, run.out, rt, val=val, stop_after=stop_after,
+                          tensorboard=tensorboard, on_event=run.on_event)
+
+        def finish() -> TrainResult:
+            val_top1 = accuracy(model, val, spec, rt.device, cfg) if val is not None else float("nan")
+            card = save_card(run.out / "model.yaml", arch, num_classes, spec, model.state_dict(), arch_args,
+                             keep=result.finished_before, classes=classes or None, kind="classifier",
+                             notes=f"trained by dfkd train on {data}; {val_split:.0%} validation split top-1"
+                                   f" {val_top1:.4f}")
+            run.manifest({"arch": arch, "val_split": val_split, "size": list(spec.size), "channels": spec.channels,
+                          **asdict(cfg)}, {**spec.to_dict(), "source": _source(size, channels)},
+                         summary={"val_top1": val_top1, "best": result.best, "steps": result.steps})
+            return TrainResult(card, val_top1, result.best, result.steps, len(full.skipped), result.resumed_from)
+
+        return run.on_main(finish)
+
+    return TRAIN.execute(out, rt, [Input("data", "--data", data)], body, identity=identity, overwrite=overwrite,
+                         on_event=on_event)
