@@ -180,8 +180,9 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 def select(
     teacher: List[Path] = typer.Option([], help="Teacher card or TorchScript file; repeat for an ensemble."
                                                 " Required unless --merge."),
-    pool: Optional[Path] = typer.Option(None, help="Wild pool: a directory (scanned recursively) or an index file."
-                                                   " Required unless --merge."),
+    pool: Optional[str] = typer.Option(None, help="Wild pool: a directory (scanned recursively), an index file or"
+                                                  " tar shards (a .tar, a {000..099} pattern, http(s):// or pipe:CMD)."
+                                                  " Required unless --merge."),
     out: Path = typer.Option(..., help="Run directory to write scores/selected/skipped.tsv into."),
     num_images: Optional[str] = typer.Option(None, help="Select this many images (without it or --ratio:"
                                                         " every scored image, best first); auto: as many as"
