@@ -15,7 +15,8 @@ def run(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("argv,line", [
-    (["select", "--num", "5"], "dfkd select: error: no such option --num; did you mean --num-images?"),
+    (["select", "--nu", "5"], "dfkd select: error: no such option --nu; did you mean --num-images?"),
+    (["distill", "--num", "5"], "dfkd distill: error: no such option --num; see dfkd distill --help"),
     (["select", "--tacher", "t.yaml"], "dfkd select: error: no such option --tacher; did you mean --teacher?"),
     (["select", "--pool", "p"], "dfkd select: error: Missing option '--out'."),
     (["train", "--arch", "resnet8", "--data", "d", "--out", "o", "--batch-size", "x"],
@@ -32,3 +33,18 @@ def test_dash_h_is_help(monkeypatch, capsys):
     for argv in (["-h"], ["select", "-h"]):
         code, out, err = run(monkeypatch, capsys, *argv)
         assert code == 0 and "Usage: dfkd" in out and "--help" in out, (argv, err)
+
+
+@pytest.mark.parametrize("argv,old,new", [
+    (["select", "--teacher", "missing.yaml", "--pool", "p", "--out", "o", "--num", "5"], "--num", "--num-images"),
+    (["select", "--teacher", "missing.yaml", "--pool", "p", "--out", "o", "--max-noise=0.5"], "--max-noise",
+     "--max-score"),
+    (["expand", "--pu", "missing.yaml", "--positive", "p", "--unlabeled", "u", "--out", "o", "--num", "5"], "--num",
+     "--num-images"),
+])
+def test_a_renamed_flag_still_works_with_a_one_line_note(monkeypatch, capsys, tmp_path, argv, old, new):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(monkeypatch, capsys, *argv)
+    note, error = err.strip().splitlines()
+    assert note == f"warning: dfkd {argv[0]} {old} is deprecated and goes in the next release; use {new}"
+    assert code == 2 and "missing.yaml" in error and "no such option" not in error  # the flag was taken
