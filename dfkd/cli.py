@@ -5,6 +5,7 @@ stdout carries only what a shell pipeline should read (the path of the main file
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import json
 import math
@@ -24,7 +25,7 @@ from .io import disk_full
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Data-free model compression: select stand-in data from a wild pool, distill a student.")
 
-DEVICE = typer.Option("auto", help="auto, cpu or cuda[:N].")
+DEVICE = typer.Option("auto", metavar="auto|cpu|cuda[:N]", help="Device to run on.")
 WORKERS = typer.Option(None, help="Decoding worker processes (default: by device and cores).")
 AMP = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default: on for CUDA; off on CPUs, where bf16"
                                                   " changes scores in the last bits).")
@@ -36,7 +37,7 @@ INPUT_STD = typer.Option(None, "--input-std", help="Normalisation std per channe
 # Training commands share their loop flags (each overrides the config key of the same name).
 EPOCHS = typer.Option(None, help="Epochs (overrides the config).")
 STEPS = typer.Option(None, help="Train for this many steps instead of epochs.")
-DEDUP = typer.Option("near", help="Before the budget is spent, drop duplicates: near (the same bytes, or"
+DEDUP = typer.Option("near", metavar="near|exact|off", help="Before the budget is spent, drop duplicates: near (the same bytes, or"
                                   " thumbnails with cosine >= --near-duplicate), exact (the same bytes), off."
                                   " Dropped rows are listed in duplicates.tsv.")
 NEAR_DUPLICATE = typer.Option(None, "--near-duplicate", help="Cosine of two images' 8x8 thumbnails from which they"
@@ -194,8 +195,9 @@ def select(
                                               help="Keep only images whose score (of any --score) is <= this."),
     per_class: bool = typer.Option(True, "--per-class/--global",
                                    help="Balanced quota per predicted class (default) or the paper's global top-k."),
-    score: str = typer.Option("noise", help="Scorer: noise (DFND), entropy, energy, random."),
-    policy: Optional[str] = typer.Option(None, help="Policy (dfkd list policies); overrides --per-class/--global:"
+    score: str = typer.Option("noise", metavar="noise|entropy|energy|random",
+                              help="Scorer: noise (DFND), entropy, energy, random."),
+    policy: Optional[str] = typer.Option(None, metavar="per-class|global|diverse", help="Policy (dfkd list policies); overrides --per-class/--global:"
                                                     " e.g. diverse (per-class, spread over k-means clusters)."),
     dedup: str = DEDUP,
     near_duplicate: Optional[float] = NEAR_DUPLICATE,
@@ -370,7 +372,8 @@ def distill(
     student: str = typer.Option(..., help="Student architecture name, or a card whose weights initialise it."),
     data: List[Path] = typer.Option(..., help="Training images: index file(s) or directories (repeatable)."),
     out: Path = typer.Option(..., help="Run directory (student.yaml, metrics.jsonl, checkpoints/)."),
-    method: Optional[str] = typer.Option(None, help="Objective: kd, noisy (DFND) or robust (PU). Default noisy."),
+    method: Optional[str] = typer.Option(None, metavar="kd|noisy|robust",
+                                         help="Objective: kd, noisy (DFND) or robust (PU). Default noisy."),
     config: Optional[Path] = CONFIG,
     set_: List[str] = SET,
     epochs: Optional[int] = EPOCHS,
@@ -527,7 +530,7 @@ def _left_out(duplicates: int, files: dict[str, Path]) -> None:
 @command
 def export(
     model: Path = typer.Option(..., help="Model card (YAML)."),
-    format: str = typer.Option("torchscript", help="torchscript or onnx."),
+    format: str = typer.Option("torchscript", metavar="torchscript|onnx", help="Format of the file."),
     out: Path = typer.Option(..., help="File to write."),
 ) -> None:
     """Export a model to TorchScript or ONNX and check the outputs match the original."""
@@ -615,13 +618,17 @@ def eval_(
         emit(json.dumps({"top1": result.top1, "top5": result.top5}))
 
 
+Registry = enum.Enum("Registry", {k: k for k in ("archs", "scorers", "policies", "objectives", "extractors", "all")},
+                     type=str)  # dfkd list's argument: its values shown in the help
+
+
 @command
-def list_(what: str = typer.Argument("all", help="archs, scorers, policies, objectives, extractors or all.")) -> None:
+def list_(what: Registry = typer.Argument("all", help="The registry to list.")) -> None:
     """List the registries: architectures, scorers, selection policies, objectives, PU extractors.
 
     The list is the command's output, so it goes to stdout: tables on a terminal, tab-separated
     lines (registry, key, summary, paper) in a pipe."""
-    registries = _registries()
+    registries, what = _registries(), Registry(what).value
     if what != "all" and what not in registries:
         raise DfkdError(f"unknown registry {what!r}; known: {', '.join(registries)}")
     from rich.console import Console

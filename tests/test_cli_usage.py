@@ -48,3 +48,24 @@ def test_a_renamed_flag_still_works_with_a_one_line_note(monkeypatch, capsys, tm
     note, error = err.strip().splitlines()
     assert note == f"warning: dfkd {argv[0]} {old} is deprecated and goes in the next release; use {new}"
     assert code == 2 and "missing.yaml" in error and "no such option" not in error  # the flag was taken
+
+
+def test_help_shows_the_allowed_values_of_choice_flags(monkeypatch, capsys):
+    from dfkd.distill import OBJECTIVES
+    from dfkd.select import POLICIES, SCORERS
+    from dfkd.select.candidates import DEDUP
+
+    monkeypatch.setenv("COLUMNS", "200")
+    want = {"select": {"--score": sorted(SCORERS.keys()), "--policy": sorted(POLICIES.keys()), "--dedup": DEDUP,
+                       "--device": ["auto", "cpu", "cuda[:N]"]},
+            "distill": {"--method": sorted(OBJECTIVES.keys())}, "export": {"--format": ["torchscript", "onnx"]}}
+    for command, flags in want.items():
+        code, out, _ = run(monkeypatch, capsys, command, "--help")
+        assert code == 0
+        for flag, values in flags.items():
+            (line,) = [l for l in out.splitlines() if f" {flag} " in l]
+            shown = line.split(flag, 1)[1].split()[0]
+            assert sorted(shown.split("|")) == sorted(values), (command, flag, line)
+    code, out, _ = run(monkeypatch, capsys, "list", "--help")
+    assert "<archs|scorers|policies|objectives|extractors|all>" in out
+    assert "TEXT" not in out and "<str>" not in out
