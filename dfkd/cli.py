@@ -22,7 +22,7 @@ from .console import emit, err, progress, table
 from .errors import DfkdError, out_of_memory
 from .io import disk_full
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Data-free model compression: select stand-in data from a wild pool, distill a student.")
 
 DEVICE = typer.Option("auto", metavar="auto|cpu|cuda[:N]", help="Device to run on.")

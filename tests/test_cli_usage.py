@@ -69,3 +69,21 @@ def test_help_shows_the_allowed_values_of_choice_flags(monkeypatch, capsys):
     code, out, _ = run(monkeypatch, capsys, "list", "--help")
     assert "<archs|scorers|policies|objectives|extractors|all>" in out
     assert "TEXT" not in out and "<str>" not in out
+
+
+def test_shell_completion_script_and_completions():
+    import os
+    import subprocess
+
+    def dfkd(*args, **env):
+        return subprocess.run([sys.executable, "-m", "dfkd", *args], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, **env})
+
+    script = dfkd("--show-completion", "bash")
+    assert script.returncode == 0 and "complete -o default -F _dfkd_completion dfkd" in script.stdout
+    assert "_DFKD_COMPLETE=complete_bash" in script.stdout
+    # what the script asks dfkd for: the command, a flag, list's values
+    for words, cword, want in (("dfkd sel", "1", ["select"]), ("dfkd select --sc", "2", ["--score"]),
+                               ("dfkd list s", "2", ["scorers"])):
+        got = dfkd(COMP_WORDS=words, COMP_CWORD=cword, _DFKD_COMPLETE="complete_bash")
+        assert got.returncode == 0 and got.stdout.split() == want, (words, got.stdout, got.stderr)
