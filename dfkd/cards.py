@@ -333,8 +333,27 @@ def read_state_dict(path: Path) -> dict:
     return obj
 
 
-def load_model(card: ModelCard, device: str | torch.device = "cpu") -> nn.Module:
-    """Build the card's model with its weights, in eval mode, on ``device``."""
+def as_card(card: "ModelCard | str | os.PathLike", what: str = "card") -> "ModelCard":
+    """A loaded card, or the card (or TorchScript file) at a path, loaded: what the library takes
+    wherever it wants a card. ``what`` names the parameter in the error."""
+    if isinstance(card, ModelCard):
+        return card
+    if isinstance(card, (str, os.PathLike)):
+        return load_card(card)
+    raise DfkdError(f"{what}: expected a model card (dfkd.load_card) or the path of one, got {type(card).__name__}")
+
+
+def as_cards(cards, what: str = "teachers") -> "list[ModelCard]":
+    """:func:`as_card` for one card or a sequence of them (an ensemble)."""
+    if not isinstance(cards, (list, tuple)):
+        return [as_card(cards, what)]
+    return [as_card(c, what) for c in cards]
+
+
+def load_model(card: "ModelCard | str | os.PathLike", device: str | torch.device = "cpu") -> nn.Module:
+    """Build the card's model with its weights, in eval mode, on ``device`` (``card``: a loaded card
+    or its path, e.g. ``dfkd.load_model(run.card)`` for a trained student)."""
+    card = as_card(card)
     if card.torchscript:
         try:
             model = torch.jit.load(str(card.torchscript), map_location=device)

@@ -37,6 +37,20 @@ def _typed(default: Any, value: Any, where: str) -> Any:
                     f" like {default!r}")
 
 
+def as_config(cls: type, value: Any, where: str = "config") -> Any:
+    """``value`` as the typed config ``cls`` (a dataclass): itself, or a plain dict of some of its
+    keys (the rest at their defaults; an unknown key or a wrong type is one line naming it)."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise DfkdError(f"{where}: expected a {cls.__name__} or a dict of its keys, got {type(value).__name__}")
+    from dataclasses import asdict
+
+    base = asdict(cls())
+    _merge(base, copy.deepcopy(value), where)
+    return cls(**base)
+
+
 def parse_set(item: str) -> dict:
     """``a.b=1`` -> ``{"a": {"b": 1}}`` (the value read as YAML: numbers, booleans, lists)."""
     if "=" not in item:

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .cards import ModelCard, input_record, update_card
+from .cards import ModelCard, as_card, input_record, update_card
 from .engine import stream
 from .errors import DfkdError
 from .images import open_labeled
@@ -41,6 +41,7 @@ def evaluate(card: ModelCard, data: str | Path, *, batch_size: int = 256, worker
     """Evaluate ``card`` on an ImageFolder/index (folders matched to the card's ``classes``).
 
     Under torchrun the images are sharded over the ranks; rank 0 returns the result."""
+    card = as_card(card)
     rt = setup(device, amp, workers)
     index, _ = open_labeled(data, card.classes)
     labels = index.labels()

@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 import yaml
 
-from ..cards import ModelCard, build_arch, input_record, load_card, load_model, save_card
+from ..cards import ModelCard, as_cards, build_arch, input_record, load_card, load_model, save_card
+from ..config import as_config
 from ..errors import DfkdError
 from ..events import Note, OnEvent, TeacherPass
 from ..images import labeled_paths, pool_paths
@@ -141,7 +142,7 @@ def check_config(teachers: Sequence[ModelCard], config: dict | DistillConfig) ->
     """Everything :func:`distill` checks before it decodes an image: the teachers agree, and the
     loop keys, the terms and the objective's options are valid (else one DfkdError naming the key)."""
     check_compatible(teachers)
-    config = asdict(config) if isinstance(config, DistillConfig) else config
+    config = asdict(as_config(DistillConfig, config))
     method, obj_cfg = config["method"], dict(config.get("objective") or {})
     if method not in OBJECTIVES:
         raise DfkdError(f"--method {method!r}: expected one of {', '.join(OBJECTIVES.keys())}")
@@ -164,7 +165,7 @@ def distill(teachers: ModelCard | Sequence[ModelCard], student: str, data: str |
 
     Under torchrun: DistributedDataParallel on the student (never the teacher), the batch size
     global; rank 0 writes and returns the result (the other ranks return None)."""
-    teachers = [teachers] if isinstance(teachers, ModelCard) else list(teachers)
+    teachers = as_cards(teachers)
     data = [data] if isinstance(data, (str, Path)) else list(data)
     plan = check_config(teachers, config)
     card, config, method, obj_cfg, terms, loop, info = (teachers[0], plan.config, plan.method, plan.objective,

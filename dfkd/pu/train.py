@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import yaml
 
-from ..cards import ModelCard, build_arch, input_record, load_card, read_state_dict
+from ..cards import ModelCard, as_card, build_arch, input_record, load_card, read_state_dict
+from ..config import as_config
 from ..errors import DfkdError
 from ..events import Note, OnEvent
 from ..images import pool_paths
@@ -141,7 +142,7 @@ def pu_train(teacher: ModelCard, positive: str | Path, unlabeled: str | Path, ou
     """Train the PU classifier with ``config`` (a :class:`PuConfig` or the dict the CLI resolves);
     write ``out/pu.yaml`` and its weights."""
     out = Path(out)
-    cfg = config if isinstance(config, PuConfig) else PuConfig(**config)
+    cfg, teacher = as_config(PuConfig, config), as_card(teacher, "teacher")
     cfg.check()
     prior, beta, gamma = (cfg.nnpu[k] for k in ("prior", "beta", "gamma"))
     rt = setup(device, cfg.amp, workers, training=True)

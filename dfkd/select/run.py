@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..cards import ModelCard, input_record, load_card
+from ..cards import ModelCard, as_cards, input_record, load_card
 from ..engine import RowFile, Segment, score_run
 from ..errors import DfkdError
 from ..index import open_index, write_index
@@ -158,6 +158,7 @@ def select_pool(teachers: ModelCard | Sequence[ModelCard], pool: str | Path, out
     drops exact duplicates and near ones (cosine of their thumbnails >= ``near``, default
     :data:`~dfkd.select.dedup.NEAR_DUPLICATE_COSINE`) before the budget is spent. ``num="auto"``
     selects the estimated in-distribution count (:mod:`dfkd.select.estimate`)."""
+    teachers = as_cards(teachers)
     budget = Budget(num, ratio, max_score, policy, dedup, NEAR_DUPLICATE_COSINE if near is None else near)
     _check_auto(budget, score)
     if score not in SCORERS:

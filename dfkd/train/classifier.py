@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import shards
 from ..cards import build_arch, save_card
+from ..config import as_config
 from ..errors import DfkdError
 from ..events import OnEvent
 from ..images import InputSpec, labeled_paths
@@ -78,7 +79,7 @@ def train_classifier(arch: str, data: str | Path, out: str | Path, cfg: LoopConf
     """Train ``arch`` from scratch on an ImageFolder/index; write ``out/model.yaml``.
 
     Under torchrun: DistributedDataParallel, ``cfg.batch_size`` global; rank 0 returns the result."""
-    out = Path(out)
+    out, cfg = Path(out), as_config(LoopConfig, cfg, "cfg")
     cfg.check()
     if not 0 <= val_split < 1:  # NaN too
         raise DfkdError(f"--val-split {val_split}: must be at least 0 and below 1")
