@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench bench-scale study debian-data clean
+.PHONY: demo test test-torch-low bench bench-scale study debian-data clean
 
 # torch and torchvision at the exact versions of constraints.txt (setup.cfg declares a range)
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
@@ -22,6 +22,23 @@ demo: $(VENV)/.installed debian-data
 test: $(VENV)/.installed debian-data
 	$(PY) -m pytest -q
 
+# The suite at the low end of setup.cfg's range (torch>=2.5, torchvision>=0.20), in a venv of its
+# own: PyTorch first, then dfkd without constraints.txt, so that pip keeps that PyTorch (the check
+# that installing dfkd does not replace a user's). TORCH_INDEX: e.g. https://download.pytorch.org/whl/cpu
+# for the 200 MB CPU wheels (PyPI's Linux wheel of 2.5.1 is the CUDA one, with ~2.5 GB of nvidia-*).
+TORCH_LOW       ?= 2.5.1
+TORCHVISION_LOW ?= 0.20.1
+TORCH_INDEX     ?=
+LOW_VENV        ?= .venv-torch-low
+test-torch-low: debian-data
+	$(PYTHON) -m venv $(LOW_VENV)
+	PIP_CONSTRAINT= $(LOW_VENV)/bin/pip install -q torch==$(TORCH_LOW) torchvision==$(TORCHVISION_LOW) \
+	    $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	PIP_CONSTRAINT= $(LOW_VENV)/bin/pip install -q -e '.[test]'
+	$(LOW_VENV)/bin/python -c "import torch, torchvision; assert torch.__version__.startswith('$(TORCH_LOW)'), \
+	    torch.__version__; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	$(LOW_VENV)/bin/python -m pytest -q
+
 study: $(VENV)/.installed debian-data
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash pipelines/study.sh
 
@@ -35,4 +52,4 @@ bench-scale: $(VENV)/.installed
 	$(PY) bench/ranks.py --teacher runs/demo/teacher/model.yaml --pool data/demo/wild --test data/demo/test
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(LOW_VENV) runs

@@ -18,6 +18,7 @@ __version__ = "0.2.0"
 _API = {  # name -> (module, attribute)
     "load_card": ("dfkd.cards", "load_card"),
     "load_teacher": ("dfkd.teacher", "load_teacher"),
+    "load_model": ("dfkd.cards", "load_model"),
     "select_pool": ("dfkd.select.run", "select_pool"),
     "merge_shards": ("dfkd.select.run", "merge_shards"),
     "pu_train": ("dfkd.pu.train", "pu_train"),

@@ -355,8 +355,15 @@ def read_state_dict(path: Path) -> dict:
     return obj
 
 
-def load_model(card: ModelCard, device: str | torch.device = "cpu") -> nn.Module:
-    """Build the card's model with its weights, in eval mode, on ``device``."""
+def as_card(card: CardLike, what: str = "card") -> ModelCard:
+    """One loaded card, or the card (or TorchScript file) at a path, loaded (:func:`as_cards`)."""
+    return as_cards(card, what)[0]
+
+
+def load_model(card: "ModelCard | str | os.PathLike", device: str | torch.device = "cpu") -> nn.Module:
+    """Build the card's model with its weights, in eval mode, on ``device`` (``card``: a loaded card
+    or its path, e.g. ``dfkd.load_model(run.card)`` for a trained student)."""
+    card = as_card(card)
     if card.torchscript:
         try:
             model = torch.jit.load(str(card.torchscript), map_location=device)

@@ -28,7 +28,8 @@ from .errors import DfkdError, out_of_memory
 from .images import BadImage, InputSpec, image_tensor, normalize
 from .io import write_json
 from .lifecycle import Run
-from .pool import Listing, list_pool
+from .pool import Listing, as_source, list_pool
+from .remote import is_remote
 from .runtime import Runtime, autocast, loader
 
 # (outputs[n, ...] float32 CPU, labels[n], paths, errors) -> one tuple per row
@@ -212,11 +213,12 @@ def score_run(run: Run, pool: str | Path, flag: str, identity: dict, model: nn.M
         if not resumed:
             rows.path.unlink(missing_ok=True)
         os.replace(fresh, state / "pool.tsv")
-        write_json(state / "shard.json", {"shard": [i, n], "count": count, "pool": str(Path(pool).resolve()),
+        where = pool if is_remote(pool) else str(Path(pool).resolve())
+        write_json(state / "shard.json", {"shard": [i, n], "count": count, "pool": where,
                                           "identity": identity, "problems": problems, **(info or {})})
     lo, hi = i * count // n, (i + 1) * count // n
     done = ranks.broadcast(rows.done() if ranks.main else None)
-    listing = Listing(state / "pool.tsv", columns, count, digest, Path(pool), problems)
+    listing = Listing(state / "pool.tsv", columns, count, digest, as_source(pool), problems)
     run.progress(done, hi - lo)
     for got in stream(model, spec, lambda: listing.rows(lo + done, hi), hi - lo - done, row_fn, rt,
                       batch_size=batch_size, forward=forward):

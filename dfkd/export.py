@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .cards import INPUT_FILE, ModelCard, load_model
+from .cards import INPUT_FILE, ModelCard, as_card, load_model
 from .errors import DfkdError
 from .io import atomic_write
 
@@ -25,6 +25,7 @@ class ExportResult:
 
 def export_model(card: ModelCard, fmt: str, out: str | Path, samples: int = 8, seed: int = 0) -> ExportResult:
     """Export ``card``'s model; compare its outputs with the original on random inputs."""
+    card = as_card(card)
     if fmt not in FORMATS:
         raise DfkdError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     out = Path(out)

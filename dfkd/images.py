@@ -20,7 +20,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from . import shards
 from .errors import DfkdError
 from .index import Index, Rows, open_index
-from .pool import pool_rows, walk_files
+from .pool import as_source, pool_rows, walk_files
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 MAX_PIXELS = 64_000_000  # larger images are treated as decompression bombs and skipped
@@ -255,15 +255,15 @@ def normalize(batch: torch.Tensor, spec: InputSpec, device: torch.device,
 
 
 def open_pool(path: str | Path, flag: str = "--pool") -> Index:
-    """A pool: a directory scanned recursively (every file is tried) or an index file."""
-    path, problems = Path(path), []
+    """A pool: a directory scanned recursively (every file is tried), an index file or tar shards."""
+    path, problems = as_source(path), []
     columns, rows = pool_rows(path, flag, problems)
     return _nonempty(Index(columns, list(rows), path, problems), flag)
 
 
 def pool_paths(path: str | Path, flag: str = "--pool") -> Rows:
     """:func:`open_pool` as compact :class:`Rows` (paths and labels only), for sets of any size."""
-    path, problems = Path(path), []
+    path, problems = as_source(path), []
     columns, rows = pool_rows(path, flag, problems)
     return _nonempty(Rows.collect(columns, rows, path, problems), flag)
 

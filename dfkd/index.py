@@ -17,6 +17,8 @@ import numpy as np
 from .errors import DfkdError
 from .io import atomic_write
 
+STREAMED = ("http://", "https://", "pipe:")  # rows of streamed shards (dfkd/remote.py), not relative paths
+
 
 @dataclass
 class Index:
@@ -184,7 +186,7 @@ def _rows(path: Path, columns: list[str]) -> Iterator[dict[str, str]]:
                 row = dict(zip(columns, cells))
                 if not row["path"]:
                     raise DfkdError(f"{path}: line {n} has an empty path")
-                if not os.path.isabs(row["path"]):
+                if not os.path.isabs(row["path"]) and not row["path"].startswith(STREAMED):
                     row["path"] = str(base / row["path"])
                 if has_label:
                     parse_label(row["label"], path, n - 2)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from . import shards
+from . import remote, shards
 from .errors import DfkdError
 from .index import open_index, write_index
 
@@ -107,7 +107,7 @@ class Listing:
     columns: list[str]
     count: int
     digest: str
-    source: Path
+    source: Path | str  # str: streamed shards (dfkd/remote.py)
     problems: list[dict] = field(default_factory=list)
 
     def rows(self, start: int = 0, stop: int | None = None) -> Iterator[dict[str, str]]:
@@ -120,12 +120,18 @@ class Listing:
                 yield row
 
 
+def as_source(source: str | Path) -> str | Path:
+    """A pool argument as a Path, or as the text it is for streamed shards (a Path would fold
+    ``https://`` to ``https:/``)."""
+    return source if remote.is_remote(source) else Path(source)
+
+
 def pool_rows(source: str | Path, flag: str, problems: list[dict]) -> tuple[list[str], Iterator[dict]]:
     """The columns and streamed rows of a pool folder or index file."""
     tars = shards.shard_list(source, flag)
     if tars is not None:
         note = lambda path, reason: problems.append({"path": _printable(path), "reason": reason})  # noqa: E731
-        return ["path"], ({"path": p} for tar in tars for p in shards.members(tar, note))
+        return ["path"], _shard_rows(tars, note, flag)
     source = Path(source)
     if source.is_dir():
         return ["path"], ({"path": p} for p in walk_files(source, problems))
@@ -134,16 +140,28 @@ def pool_rows(source: str | Path, flag: str, problems: list[dict]) -> tuple[list
     raise DfkdError(f"{flag} {source}: no such directory or index file")
 
 
+def _shard_rows(tars: list[str], note, flag: str) -> Iterator[dict]:
+    try:
+        for tar in tars:
+            for p in shards.members(tar, note):
+                yield {"path": p}
+    except DfkdError as e:  # a streamed shard that cannot be opened
+        raise DfkdError(f"{flag} {e}") from None
+
+
 def list_pool(source: str | Path, dest: str | Path, flag: str = "--pool") -> Listing:
     """Write the pool's rows to ``dest`` (atomically) and count and digest them, streaming.
 
     The digest covers each row and, for a folder, each file's size and modification time, so
     a pool whose files changed is a new pool.
     """
-    source, problems = Path(source), []
+    problems = []
+    tars = shards.shard_list(source, flag)
+    streamed = tars is not None and remote.is_remote(tars[0])  # digested whole, after the listing pass
+    source = as_source(source)
     columns, rows = pool_rows(source, flag, problems)
     h, count = hashlib.sha256(), 0
-    stat_rows = source.is_dir() or shards.shard_list(source, flag) is not None
+    stat_rows = not streamed and (source.is_dir() or tars is not None)
 
     def counted() -> Iterator[dict]:
         nonlocal count
@@ -158,6 +176,8 @@ def list_pool(source: str | Path, dest: str | Path, flag: str = "--pool") -> Lis
             yield row
 
     write_index(dest, counted(), columns)
+    for tar in tars if streamed else ():
+        h.update(f"shard\0{tar}\0{shards.identity(tar)}\n".encode())
     for p in problems:
         h.update(f"problem\0{p['path']}\0{p['reason']}\n".encode())
     if count == 0:

@@ -48,6 +48,9 @@ def input_hashes(paths: dict[str, str | Path | None]) -> dict[str, dict]:
     for name, p in paths.items():
         if p is None:
             continue
+        if isinstance(p, str) and p.startswith(("http://", "https://", "pipe:")):  # streamed shards
+            out[name] = {"path": p, "sha256": None}
+            continue
         p = Path(p)
         out[name] = {"path": str(p.resolve()), "sha256": file_sha256(p) if p.is_file() else None}
     return out

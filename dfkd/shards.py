@@ -25,8 +25,9 @@ import os
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
+from . import remote
 from .errors import DfkdError
 
 SEP = "#"
@@ -38,6 +39,8 @@ BLOCK = 512
 MAX_SHARDS = 1_000_000  # a brace pattern naming more is refused before it is expanded
 LINKS = (b"1", b"2")  # tar member types: hard link, symbolic link
 ZERO_BLOCK = bytes(BLOCK)
+NAMES = (b"x", b"L")  # pax extended header, GNU long name: they name the next member
+MEMBERS = (b"0", b"\0", b"7", *LINKS)  # regular files (and links, recorded as such)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -72,6 +75,11 @@ def expand_braces(pattern: str) -> list[str]:
 def shard_list(source: str | Path, flag: str) -> list[str] | None:
     """The shards a pool argument names (a brace pattern or one ``.tar``), or None if it names none."""
     text = os.fspath(source)
+    if remote.is_remote(text):
+        try:
+            return remote.shard_list(text)
+        except DfkdError as e:
+            raise DfkdError(f"{flag} {e}") from None
     if not text.endswith(".tar") or os.path.isdir(text):
         return None
     try:
@@ -86,7 +94,10 @@ def shard_list(source: str | Path, flag: str) -> list[str] | None:
 
 
 def split_member(path: str) -> tuple[str, str] | None:
-    """(shard, member) for a ``SHARD.tar#MEMBER`` row path, else None."""
+    """(shard, member) for a ``SHARD.tar#MEMBER`` row path (``URL#MEMBER``, ``pipe:CMD#MEMBER``
+    for a streamed shard), else None."""
+    if remote.is_remote(path):
+        return tuple(path.split(SEP, 1)) if SEP in path else None
     if SEP not in path or ".tar" + SEP not in path or os.path.exists(path):
         return None
     shard, member = path.split(".tar" + SEP, 1)
@@ -97,15 +108,28 @@ def members(shard: str, note: Callable[[str, str], None]) -> Iterator[str]:
     """The row paths of a shard's image members, in the shard's order. A shard that cannot be
     read is noted; one cut off or damaged part-way is noted, and the members before it kept. An
     image member that is a link, or whose name holds a tab or newline, is noted instead of listed."""
+    if remote.is_remote(shard):
+        yield from remote.members(shard, note)
+        return
     try:
         _, table, problem = _table(shard)
     except OSError as e:
         note(shard, f"tar shard not readable ({e.strerror or e})")
         return
     if problem:
-        note(shard, f"tar shard not readable ({problem})" if not table else
-             f"tar shard not readable past its first {len(table)} members ({problem}): the rest left out")
-    for name, where in table.items():
+        note(shard, unreadable(problem, len(table)))
+    yield from member_rows(shard, table.items(), note)
+
+
+def unreadable(problem: str, members_before: int) -> str:
+    """skipped.tsv's reason for a shard that could not be read whole."""
+    return f"tar shard not readable ({problem})" if not members_before else \
+        f"tar shard not readable past its first {members_before} members ({problem}): the rest left out"
+
+
+def member_rows(shard: str, table: Iterable[tuple[str, object]], note: Callable[[str, str], None]) -> Iterator[str]:
+    """The row paths of the image members among ``(name, where)`` (``where`` None: a link)."""
+    for name, where in table:
         if not name.lower().endswith(IMAGE_SUFFIXES):
             continue
         row = f"{shard}{SEP}{name}"
@@ -119,6 +143,8 @@ def members(shard: str, note: Callable[[str, str], None]) -> Iterator[str]:
 
 def read_member(shard: str, member: str) -> bytes:
     """A member's bytes; FileNotFoundError if the shard or member is not there."""
+    if remote.is_remote(shard):
+        return remote.read_member(shard, member)
     f, table, _ = _table(shard)
     where = table.get(member)
     if where is None:
@@ -146,6 +172,8 @@ def source(path: str) -> str | io.BytesIO:
 def identity(path: str) -> tuple[int, int] | None:
     """(size, mtime_ns) of a file, or of the shard that holds a member; None if missing."""
     split = split_member(path)
+    if remote.is_remote(path):
+        return remote.identity(split[0] if split else path)
     try:
         st = os.stat(split[0] if split else path)
     except OSError:
@@ -186,33 +214,45 @@ def _scan(f: BinaryIO, length: int) -> tuple[dict[str, tuple[int, int] | None], 
             return table, None  # the end-of-archive marker (or a tar that omits it)
         if len(block) < BLOCK:
             return table, f"cut off at byte {pos}" if pos else "empty or not a tar"
-        try:
-            size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            stored = block[148:156].split(b"\0", 1)[0].strip()
-            ok = int(stored or b"-1", 8) == sum(block[:148]) + 256 + sum(block[156:])
-        except ValueError:
-            ok = False
-        if not ok or size < 0:
+        head = parse_header(block)
+        if head is None:
             return table, f"bad header at byte {pos}" if pos else "not a tar"
-        kind, data = block[156:157], pos + BLOCK
+        kind, size, name = head
+        data = pos + BLOCK
         if data + size > length:
             return table, f"cut off in the member at byte {pos}"
-        if kind in (b"x", b"L"):  # pax extended header / GNU long name: the next member's name
+        if kind in NAMES:  # pax extended header / GNU long name: the next member's name
             f.seek(data)
-            payload = f.read(size)
-            long_name = _pax_path(payload) if kind == b"x" else payload.rstrip(b"\0").decode("utf-8", "replace")
-        elif kind in (b"0", b"\0", b"7", *LINKS):
-            name = long_name
-            if name is None:
-                name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-                prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
-                if prefix:
-                    name = prefix.decode("utf-8", "replace") + "/" + name
-            table[name] = None if kind in LINKS else (data, size)
+            long_name = long_name_of(kind, f.read(size))
+        elif kind in MEMBERS:
+            table[long_name or name] = None if kind in LINKS else (data, size)
             long_name = None
         else:
             long_name = None
         pos = data + -(-size // BLOCK) * BLOCK
+
+
+def parse_header(block: bytes) -> tuple[bytes, int, str] | None:
+    """A tar header block's (type, data size, name with its ustar prefix); None if the checksum
+    fails or the size is negative (a scan only moves forward)."""
+    try:
+        size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        stored = block[148:156].split(b"\0", 1)[0].strip()
+        ok = int(stored or b"-1", 8) == sum(block[:148]) + 256 + sum(block[156:])
+    except ValueError:
+        ok = False
+    if not ok or size < 0:
+        return None
+    name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
+    if prefix:
+        name = prefix.decode("utf-8", "replace") + "/" + name
+    return block[156:157], size, name
+
+
+def long_name_of(kind: bytes, payload: bytes) -> str | None:
+    """The next member's name from a pax extended header (``x``) or a GNU long name (``L``)."""
+    return _pax_path(payload) if kind == b"x" else payload.rstrip(b"\0").decode("utf-8", "replace")
 
 
 def _pax_path(payload: bytes) -> str | None:

@@ -5,22 +5,27 @@
 # Re-runnable: finished steps are kept, interrupted ones resume.
 # Settings: DATA (default data/demo), RUNS (default runs/demo), TEACHER_ARCH (resnet20),
 # TEACHER_EPOCHS (12), and those of pipelines/dfnd.sh (NUM, STUDENT, EPOCHS, ...).
+# Precision: fp32 on every device (--no-amp), so that the figures are the README's on any CPU (a CPU
+# with native bf16 would otherwise train under bf16 autocast); DFKD_DEMO_AMP=1 keeps each command's
+# default (bf16 on CUDA and on CPUs with AVX512-BF16 or AMX).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-data/demo}
 RUNS=${RUNS:-runs/demo}
 start=$(date +%s)
+amp=--no-amp
+[ "${DFKD_DEMO_AMP:-0}" = 1 ] && amp=
 
 python pipelines/prepare_data.py --out "$DATA" >/dev/null
 
 teacher="$RUNS/teacher/model.yaml"
 [ -f "$RUNS/teacher/manifest.json" ] || \
   dfkd train --arch "${TEACHER_ARCH:-resnet20}" --data "$DATA/train" --out "$RUNS/teacher" \
-    --epochs "${TEACHER_EPOCHS:-12}" >/dev/null
+    --epochs "${TEACHER_EPOCHS:-12}" $amp >/dev/null
 [ -f "$RUNS/teacher/eval/eval.json" ] || \
-  dfkd eval --model "$teacher" --data "$DATA/test" --write-card --out "$RUNS/teacher/eval" >/dev/null
+  dfkd eval --model "$teacher" --data "$DATA/test" --write-card --out "$RUNS/teacher/eval" $amp >/dev/null
 
-EPOCHS=${EPOCHS:-20} pipelines/dfnd.sh "$teacher" "$DATA/wild" "$RUNS/dfnd" "$DATA/test" >/dev/null
+EPOCHS=${EPOCHS:-20} SELECT_ARGS="$amp ${SELECT_ARGS:-}" DISTILL_ARGS="$amp ${DISTILL_ARGS:-}" pipelines/dfnd.sh "$teacher" "$DATA/wild" "$RUNS/dfnd" "$DATA/test" >/dev/null
 dfkd report "$RUNS/dfnd" >/dev/null  # one page: select, distill, eval
 
 python - "$RUNS" "$DATA" "$start" <<'PY'

@@ -28,7 +28,7 @@ def env(tmp_path, pattern_folder, random_teacher):
 
 
 CASES = [
-    ("select --teacher {T} --pool {P} --out {O} --max-noise -1", "--max-score -1"),  # --max-noise: the old name
+    ("select --teacher {T} --pool {P} --out {O} --max-score -1", "--max-score -1"),  # --max-noise: test_cli_usage
     ("select --teacher {T} --pool {P} --out {O} --batch-size 0", "--batch-size 0"),
     ("select --teacher {T} --pool {P} --out {O} --workers -1", "--workers -1"),
     ("select --teacher {T} --pool {P} --out {F}", "is a file"),
