@@ -82,22 +82,22 @@ def _is_number(value: Any) -> bool:
 CardLike = ModelCard | str | Path  # what the API takes where a card is expected: a loaded card or its path
 
 
-def as_cards(given: CardLike | list[CardLike], flag: str) -> list[ModelCard]:
-    """``given`` (a card, a card's path, or a list of either) as loaded cards; a path that does
-    not load ends with one line naming ``flag``."""
+def as_cards(given: CardLike | list[CardLike], what: str) -> list[ModelCard]:
+    """``given`` (a card, a card's path, or a list of either) as loaded cards, for the library's
+    calls; errors name the parameter ``what``."""
     out = []
-    for c in [given] if isinstance(given, (ModelCard, str, Path)) else list(given):
+    for c in given if isinstance(given, (list, tuple)) else [given]:
         if isinstance(c, ModelCard):
             out.append(c)
             continue
         if not isinstance(c, (str, Path)):
-            raise DfkdError(f"{flag} {c!r}: expected a model card (dfkd.load_card) or its path")
+            raise DfkdError(f"{what}: expected a model card (dfkd.load_card) or the path of one, got {type(c).__name__}")
         try:
             out.append(load_card(c))
         except DfkdError as e:
-            raise DfkdError(f"{flag} {e}") from None
+            raise DfkdError(f"{what}: {e}") from None
     if not out:
-        raise DfkdError(f"{flag}: no model card given")
+        raise DfkdError(f"{what}: no model card given")
     return out
 
 

@@ -62,20 +62,21 @@ def parse_set(item: str) -> dict:
 
 
 def resolve(cls: type, config: Any = None, sets: list[str] = (), flags: dict | None = None,
-            command: str | None = None) -> Any:
+            command: str | None = None, api: bool = False) -> Any:
     """The typed config ``cls`` (a dataclass) of a command: its defaults, then ``config`` (a YAML
-    file's path, a dict, or a ``cls`` itself), ``--set`` items, then ``flags`` (None: not given)."""
+    file's path, a dict, or a ``cls`` itself), ``--set`` items, then ``flags`` (None: not given;
+    ``api``: they are keyword arguments of a library call, and errors name them so)."""
     if isinstance(config, cls):
-        return cls(**resolve_config(asdict(config), None, sets, flags))
+        return cls(**resolve_config(asdict(config), None, sets, flags, api=api))
     if config is not None and not isinstance(config, (str, Path, dict)):
         raise DfkdError(f"config: expected a {cls.__name__}, a dict or a YAML file's path, not {type(config).__name__}")
     names = {f.name for f in fields(cls)} if is_dataclass(cls) else set()
-    cfg = resolve_config(asdict(cls()), config, sets, flags, command)
+    cfg = resolve_config(asdict(cls()), config, sets, flags, command, api)
     return cls(**{k: v for k, v in cfg.items() if k in names})
 
 
 def resolve_config(defaults: dict, config_file: str | Path | dict | None = None, sets: list[str] = (),
-                   flags: dict | None = None, command: str | None = None) -> dict:
+                   flags: dict | None = None, command: str | None = None, api: bool = False) -> dict:
     """Apply the layers in order; unknown keys are errors naming the file or flag. ``config_file``
     may be a dict (the API's config); ``command`` picks its section of a recipe file."""
     cfg = copy.deepcopy(defaults)
@@ -98,7 +99,7 @@ def resolve_config(defaults: dict, config_file: str | Path | dict | None = None,
         _merge(cfg, parse_set(item), f"--set {item}")
     for key, value in (flags or {}).items():
         if value is not None:
-            _merge(cfg, _nest(key, value), f"--{key.split('.')[-1].replace('_', '-')}")
+            _merge(cfg, _nest(key, value), key if api else f"--{key.split('.')[-1].replace('_', '-')}")
     return cfg
 
 

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .cards import CardLike, ModelCard, as_cards, input_record, update_card
+from .cards import CardLike, ModelCard, as_card, input_record, update_card
 from .engine import stream
 from .errors import DfkdError
 from .images import open_labeled
@@ -45,7 +45,7 @@ def evaluate(card: CardLike, data: str | Path, out: str | Path | None = None, *,
     card's ``classes``); with ``out``, write ``out/eval.json`` and the run's manifest.
 
     Under torchrun the images are sharded over the ranks; every rank gets the result."""
-    card = as_cards(card, "--model")[0]
+    card = as_card(card, "card")
     rt = setup(device, amp, workers)
     index, _ = open_labeled(data, card.classes)
     labels = index.labels()

@@ -8,7 +8,7 @@ import dfkd
 
 def test_card_paths_dicts_and_the_model_back(tmp_path, pattern_folder, random_teacher):
     card = str(random_teacher)  # a path, not a loaded card, everywhere
-    sel = dfkd.select_pool(card, pattern_folder, tmp_path / "select", num=6, device="cpu", workers=0)
+    sel = dfkd.select_pool(card, pattern_folder, tmp_path / "select", num_images=6, device="cpu", workers=0)
     assert sel.selected == 6
     ev = dfkd.evaluate_model(random_teacher, pattern_folder, device="cpu", workers=0)
     assert ev.top1 == dfkd.evaluate_model(dfkd.load_card(card), pattern_folder, device="cpu", workers=0).top1
@@ -27,7 +27,7 @@ def test_card_paths_dicts_and_the_model_back(tmp_path, pattern_folder, random_te
 def test_api_errors_are_one_line_naming_the_parameter(tmp_path, pattern_folder, random_teacher):
     with pytest.raises(dfkd.DfkdError, match=r"^teachers: expected a model card .* got int$"):
         dfkd.select_pool(3, pattern_folder, tmp_path / "s")
-    with pytest.raises(dfkd.DfkdError, match=r"^cfg: unknown config key 'stepz'; known: .*steps"):
+    with pytest.raises(dfkd.DfkdError, match=r"^config: unknown config key 'stepz'; known: .*steps"):
         dfkd.train_classifier("resnet8", pattern_folder, tmp_path / "t", {"stepz": 1})
     with pytest.raises(dfkd.DfkdError, match=r"^config: epochs='x': expected a number"):
         dfkd.distill_student(random_teacher, "resnet8", [pattern_folder], tmp_path / "d", {"epochs": "x"})

@@ -169,7 +169,7 @@ def distill(teachers: CardLike | Sequence[CardLike], student: str, data: str | P
 
     Under torchrun: DistributedDataParallel on the student (never the teacher), the batch size
     global; rank 0 writes, every rank gets the result."""
-    teachers = as_cards(teachers, "--teacher")
+    teachers = as_cards(teachers, "teachers")
     data = [data] if isinstance(data, (str, Path)) else list(data)
     plan = check_config(teachers, config)
     card, config, method, obj_cfg, terms, loop, info = (teachers[0], plan.config, plan.method, plan.objective,

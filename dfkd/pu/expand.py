@@ -110,7 +110,7 @@ def expand(pu_card: str | Path, positive: str | Path, unlabeled: str | Path, out
     result. Unless ``dedup="off"``, rank 0 then reads the accepted images again (at most 4×
     ``num_images``) and drops exact and near duplicates, of each other and of the positives, as
     ``select`` does (listed in duplicates.tsv)."""
-    cfg = resolve(ExpandConfig, config, flags=settings, command="expand")
+    cfg = resolve(ExpandConfig, config, flags=settings, command="expand", api=True)
     accept, batch_size = cfg.acceptance(), cfg.batch_size
     rt = setup(device, amp, workers)
     model, card, pu = load_pu(pu_card, rt.device)

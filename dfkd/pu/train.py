@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import yaml
 
-from ..cards import CardLike, ModelCard, as_cards, build_arch, input_record, load_card, read_state_dict
+from ..cards import CardLike, ModelCard, as_card, build_arch, input_record, load_card, read_state_dict
 from ..config import resolve
 from ..errors import DfkdError
 from ..events import Note, OnEvent
@@ -144,7 +144,7 @@ def pu_train(teacher: CardLike, positive: str | Path, unlabeled: str | Path, out
     """Train the PU classifier with ``config`` (a :class:`PuConfig`, a dict of some of its keys,
     or a YAML file: its ``pu-train:`` section); write ``out/pu.yaml`` and its weights. Every
     rank gets the result."""
-    teacher = as_cards(teacher, "--teacher")[0]
+    teacher = as_card(teacher, "teacher")
     cfg = resolve(PuConfig, config, command="pu-train")
     cfg.check()
     prior, beta, gamma = (cfg.nnpu[k] for k in ("prior", "beta", "gamma"))

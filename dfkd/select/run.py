@@ -178,14 +178,14 @@ def select_pool(teachers: CardLike | Sequence[CardLike], pool: str | Path, out: 
     drops exact duplicates and near ones (cosine of their thumbnails >= ``near_duplicate``)
     before the budget is spent. ``num_images="auto"`` selects the estimated in-distribution
     count (:mod:`dfkd.select.estimate`)."""
-    cfg = resolve(SelectConfig, config, flags=settings, command="select")
+    cfg = resolve(SelectConfig, config, flags=settings, command="select", api=True)
     budget = cfg.budget()
     _check_auto(budget, cfg.score)
     if cfg.score not in SCORERS:
         raise DfkdError(f"--score {cfg.score!r}: expected one of {', '.join(SCORERS.keys())}")
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise DfkdError(f"--shard {shard[0]}/{shard[1]}: expected I/N with 0 <= I < N")
-    cards = as_cards(teachers, "--teacher")
+    cards = as_cards(teachers, "teachers")
     rt = setup(device, amp, workers)
 
     def body(run: Run) -> SelectResult:
@@ -207,7 +207,7 @@ def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path,
     """Select from the union of ``select --shard I/N`` runs: the same files as one run (the
     candidates are read again with the shards' teacher on ``device``). ``config`` and
     ``settings`` as :func:`select_pool`'s (its score and seed are the shards')."""
-    cfg = resolve(SelectConfig, config, flags=settings, command="select")
+    cfg = resolve(SelectConfig, config, flags=settings, command="select", api=True)
     budget = cfg.budget()
     shards = []
     for given in map(Path, shard_dirs):
