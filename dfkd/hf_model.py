@@ -51,7 +51,8 @@ def weight_files(folder: Path) -> list[Path]:
         shards = sorted(set((index.get("weight_map") or {}).values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if not shards or missing:
-            raise DfkdError(f"{folder / WEIGHTS_INDEX}: lists shard(s) not in the folder: {', '.join(missing) or '(none)'}")
+            raise DfkdError(f"{folder / WEIGHTS_INDEX}: lists shard(s) not in the folder:"
+                            f" {', '.join(missing) or '(none)'}")
         return [folder / s for s in shards]
     raise DfkdError(f"{folder}: no {WEIGHTS}; dfkd loads a Hugging Face model's weights from safetensors only"
                     " (model.save_pretrained(folder) writes them)")
