@@ -3,10 +3,11 @@
 Keys: ``arch`` (registry name, ``torchvision:<name>``, ``timm:<name>`` or
 ``python:<module>:<callable>``),
 ``arch_args`` (optional keyword arguments), ``num_classes``, ``weights`` (state_dict file,
-relative to the card) or ``torchscript`` (file), ``input`` (see :class:`InputSpec`), and
+relative to the card), ``torchscript`` or ``onnx`` (a file), ``input`` (see :class:`InputSpec`), and
 optionally ``classes``, ``accuracy``, ``class_accuracy``, ``noise_values`` (the noise value's
-quantiles on labeled data: :func:`dfkd.select.estimate.noise_summary`). A TorchScript file alone is
-accepted wherever a card is, with its input described by flags.
+quantiles on labeled data: :func:`dfkd.select.estimate.noise_summary`). A TorchScript or ONNX file
+alone is accepted wherever a card is (its input from the file or flags), and so is a Hugging Face
+model folder (:mod:`dfkd.hf_model`: its input from its preprocessor config).
 
 How a model is fed is never assumed: ``input`` must give size, mean and std (flags may give or
 override them); a card without them is refused with a line to copy. Every field is checked for
@@ -33,7 +34,7 @@ from .io import atomic_write, write_text
 from .models import ARCHS
 
 TRUST_CODE = "DFKD_TRUST_CODE"  # "1": python:<module>:<callable> arches may be imported and called
-CARD_KEYS = {"arch", "arch_args", "num_classes", "weights", "torchscript", "input", "classes",
+CARD_KEYS = {"arch", "arch_args", "num_classes", "weights", "torchscript", "onnx", "input", "classes",
              "accuracy", "class_accuracy", "kind", "notes", "pu", "noise_values"}
 
 
@@ -49,6 +50,8 @@ class ModelCard:
     arch_args: dict = field(default_factory=dict)
     weights: Path | None = None
     torchscript: Path | None = None
+    onnx: Path | None = None  # an ONNX file, run by ONNX Runtime (dfkd/onnx_model.py)
+    hf: Path | None = None  # a Hugging Face model folder (dfkd/hf_model.py); then ``weights`` is its safetensors
     classes: list[str] | None = None
     accuracy: float | None = None
     class_accuracy: list[float] | None = None
@@ -58,6 +61,28 @@ class ModelCard:
     @property
     def class_names(self) -> list[str]:
         return self.classes or [str(i) for i in range(self.num_classes)]
+
+    @property
+    def form(self) -> str:
+        """How the model is built: ``arch`` (an architecture and a state_dict, a PyTorch module
+        dfkd can tap and train), ``torchscript``, ``onnx`` (logits only) or ``huggingface``."""
+        return "torchscript" if self.torchscript else "onnx" if self.onnx else "huggingface" if self.hf else "arch"
+
+    @property
+    def form_name(self) -> str:
+        """The form as a message says it: "a TorchScript model", "an ONNX model", ..."""
+        return {"arch": f"an {self.arch} model", "torchscript": "a TorchScript model", "onnx": "an ONNX model",
+                "huggingface": "a Hugging Face model"}[self.form]
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file the model is read from: the card, its weights, its TorchScript or ONNX file,
+        a Hugging Face folder's files."""
+        from .hf_model import folder_files
+
+        own = [self.path] if self.path.is_file() else []
+        extra = folder_files(self.hf) if self.hf else []
+        return list(dict.fromkeys([*own, *(f for f in (self.weights, self.torchscript, self.onnx) if f), *extra]))
 
 
 def input_record(card: ModelCard) -> dict:
@@ -105,8 +130,16 @@ def load_card(path: str | Path, input_overrides: dict | None = None) -> ModelCar
     """Read and check a card (or a bare TorchScript file); no weights are loaded yet.
     ``input_overrides``: input keys given by flags, over the card's ``input:``."""
     path = Path(path)
+    if path.is_dir():
+        from .hf_model import hf_card
+
+        return hf_card(path, input_overrides or {})
     if not path.is_file():
         raise DfkdError(f"{path}: model card not found")
+    if path.suffix.lower() == ".onnx":
+        from .onnx_model import onnx_card
+
+        return onnx_card(path, input_overrides or {})
     if path.suffix.lower() not in (".yaml", ".yml"):
         return _torchscript_card(path, input_overrides or {})
     try:
@@ -118,8 +151,10 @@ def load_card(path: str | Path, input_overrides: dict | None = None) -> ModelCar
     unknown = set(data) - CARD_KEYS
     if unknown:
         raise DfkdError(f"{path}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
-    if not data.get("arch") and not data.get("torchscript"):
-        raise DfkdError(f"{path}: needs 'arch' (with optional 'weights') or 'torchscript'")
+    built = [k for k in ("arch", "torchscript", "onnx") if data.get(k)]
+    if len(built) != 1:
+        raise DfkdError(f"{path}: needs one of 'arch' (with 'weights'), 'torchscript' or 'onnx'"
+                        + (f", not {' and '.join(built)}" if built else ""))
     arch = data.get("arch")
     if arch is not None and not isinstance(arch, str):
         raise DfkdError(f"{path}: arch: {shown(arch)} is not an architecture name (a registry name,"
@@ -128,7 +163,7 @@ def load_card(path: str | Path, input_overrides: dict | None = None) -> ModelCar
     arch_args = data.get("arch_args") or {}
     if not isinstance(arch_args, dict) or not all(isinstance(k, str) for k in arch_args):
         raise DfkdError(f"{path}: arch_args: {shown(arch_args)} is not a mapping of keyword arguments")
-    if arch and not data.get("torchscript"):
+    if arch:
         arch_builder(arch, path)  # unknown (or untrusted) arch fails here, before any work
     spec, source = card_input(path, data.get("input"), input_overrides or {}, _input_example(arch, path))
     card = ModelCard(path=path, num_classes=num_classes, input=spec, input_source=source, arch=arch,
@@ -142,6 +177,11 @@ def load_card(path: str | Path, input_overrides: dict | None = None) -> ModelCar
         card.weights = _file(path, data["weights"], "weights")
     if data.get("torchscript"):
         card.torchscript = _file(path, data["torchscript"], "torchscript")
+    if data.get("onnx"):
+        from .onnx_model import check_card
+
+        card.onnx = _file(path, data["onnx"], "onnx")
+        check_card(card)
     return card
 
 
@@ -190,10 +230,10 @@ def card_input(path: Path, declared: Any, overrides: dict, example: str) -> tupl
     declared = declared or {}
     hint = f"write the input its weights were trained with into the card, e.g. {example}"
     spec = InputSpec.from_dict({**declared, **overrides}, f"{path}: input", hint)
-    return spec, _source("card", declared, overrides)
+    return spec, source_of("card", declared, overrides)
 
 
-def _source(own: str, declared: dict, overrides: dict) -> str:
+def source_of(own: str, declared: dict, overrides: dict) -> str:
     """``own`` (card, TorchScript file), ``flags``, or ``own, flags for KEYS``."""
     if not overrides:
         return own
@@ -217,16 +257,22 @@ def _input_example(arch: str | None, where: Path) -> str:
 
 
 INPUT_FILE = "dfkd_input.json"  # the input description dfkd export writes into a TorchScript file
+CLASSES_FILE = "dfkd_classes.json"  # and the class names (a JSON list)
 
 
 def _torchscript_card(path: Path, overrides: dict) -> ModelCard:
     """A bare TorchScript file: its input comes from the flags, else from the description it
     carries (``dfkd export`` writes one); never guessed."""
-    carried = {INPUT_FILE: ""}
+    carried = {INPUT_FILE: "", CLASSES_FILE: ""}
     try:
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=carried)
     except Exception:
-        raise DfkdError(f"{path}: neither a YAML model card (.yaml) nor a TorchScript file") from None
+        if zipfile.is_zipfile(path) and not _is_torchscript(path):
+            read_state_dict(path)  # a whole pickled model: refused there, with how to save its weights
+            raise DfkdError(f"{path}: is a state_dict, not a model card: write a card that names it (arch,"
+                            " num_classes, weights, input)") from None
+        raise DfkdError(f"{path}: neither a YAML model card (.yaml), a TorchScript file, an ONNX file (.onnx)"
+                        " nor a Hugging Face model folder") from None
     try:
         declared = json.loads(carried[INPUT_FILE]) if carried[INPUT_FILE] else {}
     except ValueError:
@@ -243,8 +289,20 @@ def _torchscript_card(path: Path, overrides: dict) -> ModelCard:
         raise DfkdError(f"{path}: the TorchScript model does not take a 1x{spec.channels}x{spec.size[0]}x"
                         f"{spec.size[1]} input ({str(e).strip().splitlines()[-1][:160]}); give its input with"
                         " --input-size and --input-channels") from None
-    return ModelCard(path=path, num_classes=int(out.shape[-1]), input=spec, torchscript=path,
-                     input_source=_source("TorchScript file", declared, overrides))
+    try:
+        classes = json.loads(carried[CLASSES_FILE]) if carried[CLASSES_FILE] else None
+    except ValueError:
+        classes = None
+    width = int(out.shape[-1])
+    classes = [str(c) for c in classes] if isinstance(classes, list) and len(classes) == width else None
+    return ModelCard(path=path, num_classes=width, input=spec, torchscript=path, classes=classes,
+                     input_source=source_of("TorchScript file", declared, overrides))
+
+
+def _is_torchscript(path: Path) -> bool:
+    """torch.save's zip holds ``data.pkl``; TorchScript's holds ``constants.pkl`` and ``code/`` too."""
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in z.namelist())
 
 
 def arch_builder(arch: str, where: Path | str = "--arch"):
@@ -344,8 +402,7 @@ def read_state_dict(path: Path) -> dict:
         if not zipped and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle
             raise DfkdError(f"{path}: not a PyTorch weights file (torch.save writes one)") from None
         if "weights_only" in text or "Weights only load failed" in text:
-            raise DfkdError(f"{path}: holds pickled code or objects, not just weights; dfkd loads weights only"
-                            " (save a state_dict: torch.save(model.state_dict(), path))") from None
+            raise DfkdError(f"{path}: {_pickled(text)}") from None
         raise DfkdError(f"{path}: cannot read weights ({text.splitlines()[0][:200]})") from None
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -360,10 +417,28 @@ def as_card(card: CardLike, what: str = "card") -> ModelCard:
     return as_cards(card, what)[0]
 
 
-def load_model(card: "ModelCard | str | os.PathLike", device: str | torch.device = "cpu") -> nn.Module:
+def _pickled(text: str) -> str:
+    """What to do with a file that holds pickled objects (``text``: torch.load's weights-only error)."""
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    what = f"a pickled {found.group(1)}" if found else "pickled code or objects"
+    return (f"holds {what} (a whole model saved with torch.save(model)?), not just weights; dfkd unpickles no code:"
+            " save the weights with torch.save(model.state_dict(), 'weights.pt') and name them in a card"
+            " (arch, num_classes, weights, input), or export the model as TorchScript"
+            " (torch.jit.script(model).save('model.ts')) or ONNX")
+
+
+def load_model(card: CardLike, device: str | torch.device = "cpu") -> nn.Module:
     """Build the card's model with its weights, in eval mode, on ``device`` (``card``: a loaded card
     or its path, e.g. ``dfkd.load_model(run.card)`` for a trained student)."""
     card = as_card(card)
+    if card.onnx:
+        from .onnx_model import OnnxModel
+
+        return OnnxModel.load(card.onnx, device).eval()
+    if card.hf:
+        from .hf_model import load_hf
+
+        return load_hf(card, device)
     if card.torchscript:
         try:
             model = torch.jit.load(str(card.torchscript), map_location=device)
@@ -374,21 +449,28 @@ def load_model(card: "ModelCard | str | os.PathLike", device: str | torch.device
     if card.weights:
         expected = model.state_dict()
         state = unwrap_keys(read_state_dict(card.weights), set(expected))
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
-        shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-        if missing or unexpected or shapes:
-            def few(keys: list[str]) -> str:
-                return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-            parts = [f"missing {few(missing)}" if missing else "",
-                     f"unexpected {few(unexpected)}" if unexpected else "",
-                     "other shape: " + few([f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-                                            for k in shapes]) if shapes else ""]
+        misfit = state_misfit(expected, state)
+        if misfit:
             raise DfkdError(f"{card.weights}: does not fit arch {card.arch} with {card.num_classes} classes and"
-                            f" {card.input.channels} input channels (the card's input:): "
-                            + "; ".join(p for p in parts if p))
+                            f" {card.input.channels} input channels (the card's input:): {misfit}")
         model.load_state_dict(state)
     return model.to(device).eval()
+
+
+def state_misfit(expected: dict, state: dict) -> str:
+    """How ``state`` fails to fit a model whose state_dict is ``expected`` ("" when it fits):
+    the keys missing, unexpected and of another shape, a few of each."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+    parts = [f"missing {few(missing)}" if missing else "",
+             f"unexpected {few(unexpected)}" if unexpected else "",
+             "other shape: " + few([f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+                                    for k in shapes]) if shapes else ""]
+    return "; ".join(p for p in parts if p)
 
 
 def unwrap_keys(state: dict, expected: set[str]) -> dict:

@@ -28,11 +28,12 @@ DEVICE = typer.Option("auto", metavar="auto|cpu|cuda[:N]", help="Device to run o
 WORKERS = typer.Option(None, help="Decoding worker processes (default: by device and cores).")
 AMP = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default: on for CUDA; off on CPUs, where bf16"
                                                   " changes scores in the last bits).")
-INPUT_SIZE = typer.Option(None, "--input-size", help="Input size for a bare TorchScript teacher.")
-INPUT_CHANNELS = typer.Option(None, "--input-channels", help="Input channels for a bare TorchScript teacher.")
-INPUT_MEAN = typer.Option(None, "--input-mean", help="Normalisation mean per channel for a bare TorchScript"
-                                                     " teacher, comma-separated (e.g. 0.485,0.456,0.406).")
-INPUT_STD = typer.Option(None, "--input-std", help="Normalisation std per channel for a bare TorchScript teacher.")
+INPUT_SIZE = typer.Option(None, "--input-size", help="Input size for a bare TorchScript or ONNX teacher.")
+INPUT_CHANNELS = typer.Option(None, "--input-channels", help="Input channels for a bare TorchScript or ONNX teacher.")
+INPUT_MEAN = typer.Option(None, "--input-mean", help="Normalisation mean per channel for a bare TorchScript or"
+                                                     " ONNX teacher, comma-separated (e.g. 0.485,0.456,0.406).")
+INPUT_STD = typer.Option(None, "--input-std", help="Normalisation std per channel for a bare TorchScript or ONNX"
+                                                   " teacher.")
 # Training commands share their loop flags (each overrides the config key of the same name).
 EPOCHS = typer.Option(None, help="Epochs (overrides the config).")
 STEPS = typer.Option(None, help="Train for this many steps instead of epochs.")
@@ -184,7 +185,8 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 
 @command
 def select(
-    teacher: List[Path] = typer.Option([], help="Teacher card or TorchScript file; repeat for an ensemble."
+    teacher: List[Path] = typer.Option([], help="Teacher: a card, a TorchScript or ONNX file, or a Hugging Face"
+                                                " model folder; repeat for an ensemble."
                                                 " Required unless --merge."),
     pool: Optional[str] = typer.Option(None, help="Wild pool: a directory (scanned recursively), an index file or"
                                                   " tar shards (a .tar, a {000..099} pattern, http(s):// or pipe:CMD)."
@@ -371,7 +373,8 @@ class _training_progress:
 
 @command
 def distill(
-    teacher: List[Path] = typer.Option(..., help="Teacher card or TorchScript file; repeat for an ensemble (MEAL V2)."),
+    teacher: List[Path] = typer.Option(..., help="Teacher: a card, a TorchScript or ONNX file, or a Hugging Face"
+                                                     " model folder; repeat for an ensemble (MEAL V2)."),
     student: str = typer.Option(..., help="Student architecture name, or a card whose weights initialise it."),
     data: List[Path] = typer.Option(..., help="Training images: index file(s) or directories (repeatable)."),
     out: Path = typer.Option(..., help="Run directory (student.yaml, metrics.jsonl, checkpoints/)."),
@@ -560,7 +563,7 @@ def report(
 
 @command
 def eval_(
-    model: Path = typer.Option(..., help="Model card (YAML) or TorchScript file."),
+    model: Path = typer.Option(..., help="Model: a card, a TorchScript or ONNX file, or a Hugging Face model folder."),
     data: Path = typer.Option(..., help="Labeled images: ImageFolder directory or index with a label column."),
     out: Optional[Path] = typer.Option(None, help="Directory to write eval.json into."),
     write_card: bool = typer.Option(False, "--write-card", help="Store accuracy and class_accuracy in the card."),

@@ -1,6 +1,12 @@
-"""``export``: write a model as TorchScript or ONNX and check the exported outputs match."""
+"""``export``: write a model as TorchScript or ONNX and check the exported outputs match.
+
+Both files carry the input description and the class names (TorchScript: extra files
+:data:`dfkd.cards.INPUT_FILE` and :data:`dfkd.cards.CLASSES_FILE`; ONNX: ``metadata_props``
+:data:`dfkd.onnx_model.INPUT_KEY` and :data:`dfkd.onnx_model.CLASSES_KEY`), so that the file
+alone is fed right wherever a card is accepted."""
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -8,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .cards import INPUT_FILE, ModelCard, as_card, load_model
+from .cards import CLASSES_FILE, INPUT_FILE, ModelCard, as_card, load_model
 from .errors import DfkdError
 from .io import atomic_write
 
@@ -31,8 +37,8 @@ def export_model(card: ModelCard, fmt: str, out: str | Path, samples: int = 8, s
     out = Path(out)
     if out.is_dir():
         raise DfkdError(f"--out {out}: is a directory; give the file to write")
-    for source in (card.path, card.weights, card.torchscript):
-        if source is not None and out.exists() and os.path.samefile(out, source):
+    for source in card.files:
+        if out.exists() and os.path.samefile(out, source):
             raise DfkdError(f"--out {out}: is the model's own file {source}, which the export would write"
                             " over; give another file")
     model = load_model(card, "cpu")
@@ -42,18 +48,34 @@ def export_model(card: ModelCard, fmt: str, out: str | Path, samples: int = 8, s
     if fmt == "torchscript":
         traced = torch.jit.trace(model, x[:1])
         carried = {INPUT_FILE: json.dumps(card.input.to_dict())}  # so the file alone feeds it right
+        if card.classes:
+            carried[CLASSES_FILE] = json.dumps(card.classes)
         atomic_write(out, lambda f: torch.jit.save(traced, f, _extra_files=carried), "wb")
         with torch.inference_mode():
             got = torch.jit.load(str(out))(x)
     else:
+        from .onnx_model import OnnxModel
+
         try:
-            import onnxruntime
+            import onnx
+            import onnxruntime  # noqa: F401
         except ImportError:
             raise DfkdError("--format onnx needs onnx and onnxruntime: pip install 'dfkd[onnx]'") from None
-        atomic_write(out, lambda f: torch.onnx.export(model, (x[:1],), f, input_names=["input"],
-                                                      output_names=["logits"], dynamo=False,
-                                                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}),
-                     "wb")
-        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (x[:1],), buffer, input_names=["input"], output_names=["logits"], dynamo=False,
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        proto = onnx.load_from_string(buffer.getvalue())
+        onnx.helper.set_model_props(proto, onnx_metadata(card))  # so the file alone feeds it right
+        atomic_write(out, lambda f: f.write(proto.SerializeToString()), "wb")
+        got = OnnxModel.load(out, "cpu")(x)
     return ExportResult(out, fmt, float((got - expected).abs().max()), samples)
+
+
+def onnx_metadata(card: ModelCard) -> dict[str, str]:
+    """The ONNX file's ``metadata_props``: the input description and the class names."""
+    from .onnx_model import CLASSES_KEY, INPUT_KEY
+
+    meta = {INPUT_KEY: json.dumps(card.input.to_dict())}
+    if card.classes:
+        meta[CLASSES_KEY] = json.dumps(card.classes)
+    return meta

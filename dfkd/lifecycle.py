@@ -47,13 +47,18 @@ class Input:
 
 
 def card_inputs(flag: str, cards: Sequence[ModelCard], name: str = "teacher") -> list[Input]:
-    """The files of model cards: ``teacher0``, ``teacher0_weights``, ``teacher0_torchscript``,
-    ``teacher1``, ...; with ``name`` other than teacher and one card, unnumbered (``model``)."""
+    """The files model cards are read from: ``teacher0`` (the card, or the model file given in
+    its place), ``teacher0_weights`` (or ``_torchscript``, ``_onnx``, a Hugging Face folder's
+    ``_config.json``, ...), ``teacher1``, ...; with another ``name`` and one card, unnumbered
+    (``model``, ``model_weights``)."""
     numbered = name == "teacher" or len(cards) > 1
-    return [Input(f"{name}{i if numbered else ''}{part}", flag, path)
-            for i, c in enumerate(cards)
-            for part, path in (("", c.path), ("_weights", c.weights), ("_torchscript", c.torchscript))
-            if path is not None]
+    out = []
+    for i, c in enumerate(cards):
+        key = f"{name}{i if numbered else ''}"
+        kinds = {c.weights: "weights", c.torchscript: "torchscript", c.onnx: "onnx"}
+        out.append(Input(key, flag, c.path))
+        out += [Input(f"{key}_{kinds.get(f) or f.name}", flag, f) for f in c.files if f != c.path]
+    return out
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""Teachers: the one place a card, a TorchScript file or several cards become a frozen model.
+"""Teachers: the one place a card, a TorchScript or ONNX file, a Hugging Face folder or several
+of them become a frozen model.
+
+Every form is a module that maps a normalised batch to logits (:meth:`ModelCard.form`): a
+PyTorch module (registry, torchvision, timm, Hugging Face), TorchScript, or ONNX Runtime
+(:class:`dfkd.onnx_model.OnnxModel`, a ``LogitsOnly`` model: no features, nothing to train).
 
 :func:`load_teacher` checks the cards agree, loads each on the device and, for several, wraps
 them in a :class:`TeacherEnsemble`; nothing else builds teachers.
@@ -112,9 +117,8 @@ class Teacher:
 
 def card_digest(card: ModelCard) -> str:
     h = hashlib.sha256()
-    for f in (card.path, card.weights, card.torchscript):
-        if f:
-            h.update(file_sha256(f).encode())
+    for f in card.files:
+        h.update(file_sha256(f).encode())
     h.update(json.dumps(card.input.to_dict()).encode())
     return h.hexdigest()
 
@@ -124,7 +128,7 @@ def load_teacher(cards: ModelCard | Sequence[ModelCard], device: torch.device, t
     cards = [cards] if isinstance(cards, ModelCard) else list(cards)
     check_compatible(cards)
     for c in cards:
-        if not (c.weights or c.torchscript or c.extra.get("untrained")):
+        if c.form == "arch" and not (c.weights or c.extra.get("untrained")):
             raise DfkdError(f"{c.path}: has no 'weights', so the model would be randomly initialised; give"
                             " weights: FILE (a state_dict), or weights: none if an untrained model is meant")
     members = [load_model(c, device) for c in cards]

@@ -1,7 +1,7 @@
 """The penultimate feature vector of a classifier, read by a hook on its last linear layer.
 
 Works for the registry models and torchvision classifiers alike (the input of the final
-``nn.Linear`` is the feature vector); a TorchScript model has no such hook.
+``nn.Linear`` is the feature vector); a TorchScript or ONNX model has no such hook.
 """
 from __future__ import annotations
 
@@ -11,9 +11,17 @@ from torch import nn
 from ..errors import DfkdError
 
 
+def features_readable(model: nn.Module) -> bool:
+    """Whether the penultimate features of ``model`` can be tapped (not TorchScript, not ONNX)."""
+    from ..onnx_model import LogitsOnly
+
+    return not isinstance(model, (torch.jit.ScriptModule, LogitsOnly))
+
+
 def classifier_layer(model: nn.Module, what: str = "model") -> nn.Linear:
-    if isinstance(model, torch.jit.ScriptModule):
-        raise DfkdError(f"{what} is TorchScript: its features cannot be read; use a model card with 'arch'")
+    if not features_readable(model):
+        kind = "TorchScript" if isinstance(model, torch.jit.ScriptModule) else "an ONNX model (its logits only)"
+        raise DfkdError(f"{what} is {kind}: its features cannot be read; use a model card with 'arch'")
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise DfkdError(f"{what} has no final linear layer to read features from")

@@ -151,8 +151,9 @@ def pu_train(teacher: CardLike, positive: str | Path, unlabeled: str | Path, out
     rt = setup(device, cfg.amp, workers, training=True)
     cfg = replace(cfg, amp=rt.amp)
     backbone = cfg.model["backbone"]
-    if teacher.torchscript and not backbone:
-        raise DfkdError("--teacher is TorchScript: its stages cannot be tapped; name a --backbone arch")
+    if teacher.form != "arch" and not backbone:
+        raise DfkdError(f"--teacher {teacher.path}: is {teacher.form_name}, whose stages dfkd cannot tap for"
+                        " the PU classifier's backbone; name a --backbone arch (e.g. --backbone resnet18)")
     arch = backbone or teacher.arch
     arch_args = teacher.arch_args if arch == teacher.arch else {}
     torch.manual_seed(cfg.seed)

@@ -34,7 +34,7 @@ from ..dist import SINGLE
 from ..engine import stream
 from ..errors import DfkdError
 from ..index import write_index
-from ..models.features import FeatureTap
+from ..models.features import FeatureTap, features_readable
 from ..images import InputSpec
 from ..runtime import Runtime
 from ..teacher import Teacher
@@ -117,8 +117,8 @@ def look_again(model: nn.Module, spec: InputSpec, paths: Sequence[str], rt: Runt
 def teacher_look(teacher: Teacher, paths: Sequence[str], rt: Runtime, *, features: bool,
                  batch_size: int = 256) -> Look:
     """:func:`look_again` with the teacher's input; ``features``: the first teacher's (none for
-    a TorchScript teacher, whose layers cannot be tapped)."""
-    tapped = features and not isinstance(teacher.members[0], torch.jit.ScriptModule)
+    a TorchScript or ONNX teacher, whose layers cannot be tapped)."""
+    tapped = features and features_readable(teacher.members[0])
     return look_again(teacher.model, teacher.card.input, paths, rt,
                       features_of=teacher.members[0] if tapped else None,
                       what=f"--teacher {teacher.card.path}", batch_size=batch_size)

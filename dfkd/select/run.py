@@ -360,7 +360,7 @@ def _second_look(choice: StreamingChoice, budget: Budget, needs_features: bool, 
         digests, errors = digests_of(paths)
         look = Look(digests, thumb_array([r[THUMB_KEY] for r in rows]), None, errors, reader.device)
     if needs_features and look.features is None:
-        raise DfkdError(f"--policy {budget.policy}: needs the teacher's features, and a TorchScript teacher"
+        raise DfkdError(f"--policy {budget.policy}: needs the teacher's features, and a TorchScript or ONNX teacher"
                         " has none to read; use a model card with 'arch'")
     skipped += [{"path": r["path"], "reason": e} for r, e in zip(rows, look.errors) if e]
     readable = np.array([not e for e in look.errors], dtype=bool)
