@@ -6,7 +6,8 @@
 # Several comma-separated teacher cards make an ensemble (MEAL V2's averaged softmax).
 # Environment: NUM (images to select, default 2000; auto: the pool's in-distribution count, estimated
 # from the noise values), STUDENT (arch or card, default resnet8),
-# CONFIG (distill YAML, default pipelines/configs/dfnd-default.yaml), EPOCHS or STEPS (override the
+# CONFIG (distill YAML, default pipelines/configs/dfnd-default.yaml; its select: section, if it has
+# one, is select's config too), EPOCHS or STEPS (override the
 # config), SEED (default 0), SELECT_ARGS / DISTILL_ARGS (extra flags, e.g. "--global").
 # Re-runnable: every step is run again and resumes where it stopped (a finished one is quick;
 # select selects again from its stored scores, so another NUM takes effect). A step whose inputs
@@ -23,8 +24,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 NUM=${NUM:-2000} STUDENT=${STUDENT:-resnet8} SEED=${SEED:-0}
 CONFIG=${CONFIG:-$here/configs/dfnd-default.yaml}
 
+select_config=()
+grep -q '^select:' "$CONFIG" && select_config=(--config "$CONFIG")
 dfkd select "${teachers[@]}" --pool "$pool" --out "$out/select" --num-images "$NUM" --seed "$SEED" \
-  ${SELECT_ARGS:-} >/dev/null
+  "${select_config[@]}" ${SELECT_ARGS:-} >/dev/null
 dfkd distill "${teachers[@]}" --student "$STUDENT" --data "$out/select/selected.tsv" \
     --out "$out/distill" --config "$CONFIG" --seed "$SEED" ${EPOCHS:+--epochs "$EPOCHS"} \
     ${STEPS:+--steps "$STEPS"} ${DISTILL_ARGS:-} >/dev/null
