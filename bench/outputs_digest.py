@@ -22,26 +22,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import write_pattern_folder  # noqa: E402  (the tests' generated images)
+
 TIMING = ("images_per_s", "seconds", "time")
 
 
 def images(root: Path, per_class: int, seed: int, noise: int = 0) -> Path:
-    """Three classes of 16-px grey patterns (bars across, bars down, a blob), and ``noise``
-    images of uniform noise in a folder ``noise`` (the pool's foreign images)."""
+    """The tests' three classes of 16-px grey patterns (tests/conftest.py), and ``noise`` images
+    of uniform noise in a folder ``noise`` (the pool's foreign images)."""
+    write_pattern_folder(root, per_class, 16, seed)
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:16, 0:16]
-    for c, name in enumerate(["bars_h", "bars_v", "blob"]):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            if c == 0:
-                img = ((yy + i) % 4 < 2) * 255.0
-            elif c == 1:
-                img = ((xx + i) % 4 < 2) * 255.0
-            else:
-                cy, cx = rng.integers(4, 12, 2)
-                img = (np.hypot(yy - cy, xx - cx) < 4) * 255.0
-            img = np.clip(img + rng.normal(0, 30, img.shape), 0, 255).astype(np.uint8)
-            Image.fromarray(img, "L").save(root / name / f"{i:03d}.png")
     if noise:
         (root / "noise").mkdir(parents=True, exist_ok=True)
         for i in range(noise):

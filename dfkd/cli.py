@@ -37,10 +37,10 @@ INPUT_STD = typer.Option(None, "--input-std", help="Normalisation std per channe
 # Training commands share their loop flags (each overrides the config key of the same name).
 EPOCHS = typer.Option(None, help="Epochs (overrides the config).")
 STEPS = typer.Option(None, help="Train for this many steps instead of epochs.")
-DEDUP = typer.Option(None, metavar="near|exact|off", help="Before the budget is spent, drop duplicates: near (the"
-                                                          " same bytes, or"
-                                  " thumbnails with cosine >= --near-duplicate), exact (the same bytes), off."
-                                  " Dropped rows are listed in duplicates.tsv. Default near.")
+DEDUP = typer.Option(None, metavar="near|exact|off",
+                     help="Before the budget is spent, drop duplicates: near (the same bytes, or thumbnails with"
+                          " cosine >= --near-duplicate), exact (the same bytes), off. Dropped rows are listed in"
+                          " duplicates.tsv. Default near.")
 NEAR_DUPLICATE = typer.Option(None, "--near-duplicate", help="Cosine of two images' 8x8 thumbnails from which they"
                                                             " count as near duplicates (default 0.995).")
 BATCH_SIZE = typer.Option(None, help="Global batch size (overrides the config); under torchrun each of N ranks"
@@ -52,10 +52,10 @@ CACHE_DIR = typer.Option(None, "--cache-dir", help="Where a training set too lar
 OVERWRITE = typer.Option(False, "--overwrite", help="Start afresh in an --out that holds a run with other inputs.")
 CONFIG = typer.Option(None, help="YAML file of settings (e.g. pipelines/configs/*.yaml); a file with sections"
                                  " per command (select:, distill:, ...) gives this command its section.")
-SELECT_CONFIG = typer.Option(None, "--config", help="YAML file of select's settings (num_images, policy, score,"
-                                                    " dedup, ...), or a recipe with a select: section.")
-EXPAND_CONFIG = typer.Option(None, "--config", help="YAML file of expand's settings (threshold, num_images, dedup,"
-                                                    " ...), or a recipe with an expand: section.")
+SELECT_CONFIG, EXPAND_CONFIG = (
+    typer.Option(None, "--config", help=f"YAML file of {name}'s settings ({keys}, ...), or a recipe with a {name}:"
+                                        " section.")
+    for name, keys in (("select", "num_images, policy, score, dedup"), ("expand", "threshold, num_images, dedup")))
 SET = typer.Option([], "--set", help="Override a setting: key=value (repeatable; objective.<opt>=value).")
 TRAIN_AMP = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default: on for CUDA and for CPUs with"
                                                         " native bf16, AVX512-BF16 or AMX; off on others).")
