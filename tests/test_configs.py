@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from dfkd.cards import load_card, update_card
 from dfkd.cli import app
+from dfkd.config import COMMANDS
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "pipelines" / "configs").glob("*.yaml"))
 
@@ -46,7 +47,9 @@ def test_shipped_config_runs_two_steps_and_its_values_are_saved(config, tmp_path
     assert res.exit_code == 0, res.output
     assert res.stdout.strip() == str(card)
     assert load_card(card).num_classes == 3
-    given = flat(yaml.safe_load(config.read_text()))
+    command = "pu-train" if config.name.startswith("pu-train-") else "distill"
+    given = flat({k: v for k, v in yaml.safe_load(config.read_text()).items()  # other commands' sections aside
+                  if k not in COMMANDS or k == command})
     saved = flat(yaml.safe_load((out / "config.yaml").read_text()))
     assert saved["steps"] == 2  # the flag over the file
     for key, value in given.items():
