@@ -13,7 +13,8 @@ from dfkd.distill.run import default_config, distill
 from dfkd.images import InputSpec
 from dfkd.teacher import ensemble_accuracy
 from dfkd.train.augment import AUGMENTS, augment_batch
-from dfkd.train.loop import LoopConfig, lr_factor
+from dfkd.train.loop import LoopConfig
+from dfkd.train.schedule import lr_factor
 
 # ---- lr schedules ---------------------------------------------------------------------------
 
