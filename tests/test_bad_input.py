@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dfkd.cli import app
-from dfkd.train.loop import _truncate_metrics
+from dfkd.train.record import _truncate_metrics
 
 
 @pytest.fixture

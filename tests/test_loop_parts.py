@@ -1,11 +1,13 @@
 """Parts of the training loop and of distillation's set-up that no other test reaches: the lr
 schedules, the device augmentation, the ensemble's accuracies and DFND's per_class_accuracy."""
 import math
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dfkd.cards import ModelCard, load_card, update_card
 from dfkd.distill.objectives import build_objective
@@ -13,7 +15,10 @@ from dfkd.distill.run import default_config, distill
 from dfkd.images import InputSpec
 from dfkd.teacher import ensemble_accuracy
 from dfkd.train.augment import AUGMENTS, augment_batch
-from dfkd.train.loop import LoopConfig, lr_factor
+from dfkd.train.loop import LoopConfig
+from dfkd.train.objective import LoopObjective
+from dfkd.train.schedule import lr_factor, model_lr
+from dfkd.train.steps import Optimizers
 
 # ---- lr schedules ---------------------------------------------------------------------------
 
@@ -57,6 +62,85 @@ def test_cosine_starts_at_one_ends_at_zero_and_only_falls(total):
 def test_constant_is_one_from_the_first_step_to_the_last():
     cfg = LoopConfig(schedule="constant", milestones=[0.5], gamma=0.1)  # milestones are not used
     assert [lr_factor(cfg, s, 10) for s in (0, 5, 9, 10)] == [1.0] * 4
+
+
+class OwnParameter(LoopObjective):
+    """A loss with a parameter of its own, on an Adam of its own whose base lr (1e-3) is not the model's."""
+
+    def __init__(self):
+        super().__init__()
+        self.h = nn.Parameter(torch.ones(3))
+
+    def forward(self, batch):
+        return {"loss": batch.outputs.sum()}
+
+    def extra_param_groups(self):
+        return [{"name": "h", "params": [self.h], "lr": 1e-3, "optimizer": "adam"}]
+
+
+def optimizers(cfg: LoopConfig, total: int, seed=0) -> tuple[Optimizers, nn.Module, OwnParameter]:
+    torch.manual_seed(seed)
+    model, objective = nn.Linear(3, 2), OwnParameter()
+    return Optimizers(model, objective, cfg, total), model, objective
+
+
+def lrs_while_stepping(opts: Optimizers, model: nn.Module, objective: OwnParameter, steps: int) -> list[list[float]]:
+    """The lr of every param group of every optimizer at each of the next ``steps`` steps."""
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. lr_scheduler.step() before optimizer.step()
+        for _ in range(steps):
+            seen.append([g["lr"] for o in opts.all for g in o.param_groups])
+            opts.step((model(torch.ones(1, 3)).sum() * objective.h).sum())
+    return seen
+
+
+def the_loops_lrs(cfg: LoopConfig, step: int, total: int) -> list[float]:
+    """What the loop set before the schedulers: each base lr times (the model's lr / cfg.lr)."""
+    return [base * (model_lr(cfg, step, total) / cfg.lr) for base in (cfg.lr, 1e-3)]
+
+
+SCHEDULES = [dict(schedule="cosine"), dict(schedule="multistep", milestones=[0.3, 0.7], gamma=0.5),
+             dict(schedule="constant"), dict(schedule="cosine", lr=0.05)]
+
+
+@pytest.mark.parametrize("kw", SCHEDULES)
+def test_the_schedulers_give_every_optimizer_the_factor_of_the_schedule_over_its_own_base_lr(kw):
+    cfg, total = LoopConfig(**kw), 20
+    opts, model, objective = optimizers(cfg, total)
+    assert len(opts.schedulers) == 2
+    assert all(isinstance(s, torch.optim.lr_scheduler.LambdaLR) for s in opts.schedulers)
+    seen = lrs_while_stepping(opts, model, objective, total)
+    for step, lrs in enumerate(seen):
+        assert lrs == the_loops_lrs(cfg, step, total), step  # exactly: the weights stay bit-identical
+        f = lr_factor(cfg, step, total)
+        assert lrs == pytest.approx([cfg.lr * f, 1e-3 * f], rel=1e-12, abs=0)
+    assert len({tuple(lrs) for lrs in seen}) > (kw["schedule"] != "constant")
+
+
+@pytest.mark.parametrize("kw", SCHEDULES)
+def test_a_resume_continues_the_schedule_with_or_without_scheduler_state(kw):
+    cfg, total, cut = LoopConfig(**kw), 20, 7
+    whole = lrs_while_stepping(*optimizers(cfg, total), total)
+    first, model, objective = optimizers(cfg, total)
+    lrs_while_stepping(first, model, objective, cut)
+    state = first.state_dict()
+    assert [s["last_epoch"] for s in state["schedulers"]] == [cut, cut]
+    again, model2, objective2 = optimizers(cfg, total, seed=1)
+    again.load_state_dict(state, cut)
+    assert lrs_while_stepping(again, model2, objective2, total - cut) == whole[cut:]
+    # a checkpoint written before the schedulers were saved: no scheduler state, no initial_lr,
+    # and the groups at the lr of the last step trained (the loop set it before each step)
+    old = {"optimizer": state["optimizer"], "extra_optimizers": state["extra_optimizers"]}
+    for o_state, lr in zip([old["optimizer"], *old["extra_optimizers"]], the_loops_lrs(cfg, cut - 1, total)):
+        for g in o_state["param_groups"]:
+            del g["initial_lr"]
+            g["lr"] = lr
+    again, model2, objective2 = optimizers(cfg, total, seed=1)
+    again.load_state_dict(old, cut)
+    assert lrs_while_stepping(again, model2, objective2, total - cut) == whole[cut:]
+    assert [s.base_lrs for s in again.schedulers] == [[cfg.lr], [1e-3]]
+    assert [s["last_epoch"] for s in again.state_dict()["schedulers"]] == [total, total]
 
 
 # ---- device augmentation --------------------------------------------------------------------

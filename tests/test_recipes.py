@@ -19,7 +19,7 @@ from dfkd.config import resolve_config
 from dfkd.distill import build_objective, perturbed_weights, robust_class_weights
 from dfkd.distill.run import DistillConfig, default_config
 from dfkd.errors import DfkdError
-from dfkd.train.loop import lr_factor
+from dfkd.train.schedule import lr_factor
 
 CONFIGS = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 K = 4

@@ -11,6 +11,7 @@ from dfkd.cli import app
 from dfkd.evaluate import evaluate
 from dfkd.train.classifier import train_classifier
 from dfkd.train.loop import LoopConfig
+from dfkd.train.schedule import model_lr
 
 
 def small_cfg(**kw) -> LoopConfig:
@@ -53,6 +54,31 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path: Path, patter
     done = train_classifier("resnet8", pattern_folder, tmp_path / "cut", cfg, val_split=0.2, workers=0, device="cpu")
     assert done.resumed_from == done.steps == 9
     assert yaml.safe_load((tmp_path / "cut" / "model.yaml").read_text())["accuracy"] == 0.5  # not written over
+
+
+def test_a_checkpoint_from_before_the_lr_schedulers_resumes_to_the_same_weights(tmp_path: Path, pattern_folder: Path):
+    cfg = small_cfg(epochs=3, batch_size=4, checkpoint_every=2, schedule="cosine", lr=0.1)
+    whole = train_classifier("resnet8", pattern_folder, tmp_path / "whole", cfg, val_split=0.2,
+                             workers=0, device="cpu")
+    train_classifier("resnet8", pattern_folder, tmp_path / "cut", cfg, val_split=0.2, workers=0,
+                     device="cpu", stop_after=5)
+    last = tmp_path / "cut" / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    assert state["step"] == 5 and [s["last_epoch"] for s in state["schedulers"]] == [5]
+    del state["schedulers"]  # as the loop wrote it before: the lr of the last step trained, no initial_lr
+    (group,) = state["optimizer"]["param_groups"]
+    del group["initial_lr"]
+    group["lr"] = cfg.lr * (model_lr(cfg, 4, whole.steps) / cfg.lr)
+    torch.save(state, last)
+    again = train_classifier("resnet8", pattern_folder, tmp_path / "cut", cfg, val_split=0.2, workers=0,
+                             device="cpu")
+    assert again.resumed_from == 5 and again.steps == whole.steps == 9
+    a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lrs = [[json.loads(x)["lr"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+           for run in ("whole", "cut")]
+    assert lrs[0] == lrs[1] and len(set(lrs[0])) > 1
 
 
 @pytest.mark.slow

@@ -1,11 +1,13 @@
 """The training loop shared by ``train``, ``distill`` and ``pu-train``.
 
-One step: take a batch of the training set, augment it on the device, feed the same batch to
-the student (and the frozen teacher), hand the outputs to the objective as a
-:class:`~dfkd.train.objective.Batch` (the contract is in ``objective.py``), back-propagate its
-``loss``. ``last.pt`` is written atomically every ``checkpoint_every`` steps
-and at the end; a run started again with the same command resumes from it and ends with
-the same weights (batches and augmentation are seeded by epoch and step, not by history).
+:func:`run_loop` reads as the recipe; its pieces are plain: one step (augment, teacher, student,
+objective, optimizer and lr-scheduler step) is :func:`~dfkd.train.steps.train_step`, the
+objective's contract is in ``objective.py``, the schedule is a ``torch.optim.lr_scheduler`` per
+optimizer (``schedule.py``), :func:`accuracy` evaluates, and
+:class:`~dfkd.train.checkpoint.Checkpoints` saves and restores. ``last.pt`` is written
+atomically every ``checkpoint_every`` steps and at the end; a run started again with the same
+command resumes from it and ends with the same weights (batches and augmentation are seeded by
+epoch and step, not by history).
 
 Under torchrun the student (and an objective with parameters of its own: DFND's θ, MLKD's h,
 MEAL V2's discriminator) is wrapped in DistributedDataParallel; the frozen teacher never is.
@@ -17,11 +19,8 @@ all nodes see).
 """
 from __future__ import annotations
 
-import json
-import math
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -29,16 +28,19 @@ import torch
 from torch import nn
 
 from ..errors import DfkdError
-from ..events import Event, Logged, OnEvent, Started
+from ..events import OnEvent, Started
 from ..images import InputSpec, normalize
-from ..io import atomic_write
 from ..models.features import FeatureTap
 from ..runtime import Runtime, autocast
 from ..teacher import Teacher
-from .augment import AUGMENTS, augment_batch
+from .augment import AUGMENTS
+from .checkpoint import Checkpoints
 from .data import ImageSet
-from .objective import Batch, LoopObjective
-from .optim import check_optimizer, extra_optimizers, make_optimizer
+from .objective import LoopObjective
+from .optim import check_optimizer
+from .record import Meter, RunLog
+from .schedule import model_lr
+from .steps import Optimizers, RankBatch, TrainParts, train_step
 
 
 @dataclass
@@ -80,14 +82,6 @@ class LoopConfig:
             raise DfkdError(f"momentum {self.momentum}: must be at least 0 and below 1 (--set momentum=0.9)")
         if not self.weight_decay >= 0:
             raise DfkdError(f"weight_decay {self.weight_decay}: must be at least 0 (--set weight_decay=5e-4)")
-
-
-def lr_factor(cfg: LoopConfig, step: int, total: int) -> float:
-    if cfg.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
-    if cfg.schedule == "multistep":
-        return cfg.gamma ** sum(step >= m * total for m in cfg.milestones)
-    return 1.0
 
 
 def _seed(*parts: int) -> int:
@@ -148,105 +142,6 @@ def _distributed(module: nn.Module, rt: Runtime, **kw) -> nn.Module:
     return DistributedDataParallel(module, device_ids=[rt.device] if rt.device.type == "cuda" else None, **kw)
 
 
-class _Optimizers:
-    """The model's optimizer (with the objective's ``student_params``) and one per extra group of
-    the objective, all scaled by the schedule; saved and restored together."""
-
-    def __init__(self, model: nn.Module, objective: LoopObjective, cfg: LoopConfig):
-        params = [p for p in model.parameters() if p.requires_grad] + objective.student_params()
-        self.main = make_optimizer(cfg.optimizer, params, cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-        self.extras = extra_optimizers(objective)
-        self.bases = [cfg.lr] + [g["lr"] for o in self.extras for g in o.param_groups[:1]]
-
-    @property
-    def all(self) -> list[torch.optim.Optimizer]:
-        return [self.main, *self.extras]
-
-    def set_factor(self, factor: float) -> None:
-        for o, base in zip(self.all, self.bases):
-            for g in o.param_groups:
-                g["lr"] = base * factor
-
-    def step(self, loss: torch.Tensor) -> None:
-        for o in self.all:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in self.all:
-            o.step()
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.main.state_dict(), "extra_optimizers": [o.state_dict() for o in self.extras]}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.main.load_state_dict(state["optimizer"])
-        for o, o_state in zip(self.extras, state.get("extra_optimizers", [])):
-            o.load_state_dict(o_state)
-
-
-class _Log:
-    """Rank 0's record of the run: ``metrics.jsonl`` (cut back to the step resumed from), the
-    optional TensorBoard events, and the caller's ``on_event``."""
-
-    def __init__(self, out: Path, step: int, tensorboard: bool, on_event: OnEvent | None, main: bool):
-        self.file, self.board, self.on_event, self.last = None, None, on_event if main else None, {}
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-            self.last = _truncate_metrics(out / "metrics.jsonl", step)
-            self.file = open(out / "metrics.jsonl", "a", encoding="utf-8")
-            self.board = _board(out / "tensorboard", step) if tensorboard else None
-
-    def event(self, event: Event) -> None:
-        if self.on_event is not None:
-            self.on_event(event)
-
-    def record(self, record: dict) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-        if self.board is not None:
-            for k, v in record.items():
-                if k not in ("step", "epoch"):
-                    self.board.add_scalar(k, v, record["step"])
-            self.board.flush()
-        self.event(Logged(record))
-
-    def close(self) -> None:
-        for f in (self.file, self.board):
-            if f is not None:
-                f.close()
-
-
-class _Meter:
-    """The named losses summed on the device since the last record (no host sync per step),
-    averaged over the steps and ranks when a record is made."""
-
-    def __init__(self, step: int):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.names: list[str] = []
-        self.since, self.seen, self.tick = step, 0, time.perf_counter()
-
-    def add(self, losses: dict[str, torch.Tensor], images: int) -> None:
-        self.names = list(losses)
-        for k, v in losses.items():
-            self.sums[k] = self.sums[k] + v.detach() if k in self.sums else v.detach().float().clone()
-        self.seen += images
-
-    def record(self, step: int, per_epoch: int, lr: float, ranks) -> dict:
-        now = time.perf_counter()
-        keys = sorted(self.sums)
-        steps = max(1, step - self.since)
-        mean = ranks.all_sum(torch.stack([self.sums[k] for k in keys]).float()) / (steps * ranks.world)
-        means = dict(zip(keys, mean.tolist()))
-        if not math.isfinite(means["loss"]):  # checked before anything is saved, on every rank
-            raise DfkdError(f"loss became {means['loss']} before step {step} (lr {lr:.3g});"
-                            " lower --lr, or try --no-amp")
-        record = {"step": step, "epoch": round(step / per_epoch, 3), "lr": lr,
-                  "images_per_s": round(self.seen / max(1e-9, now - self.tick), 1), **{k: means[k] for k in self.names}}
-        self.sums, self.since, self.seen, self.tick = {}, step, 0, now
-        return record
-
-
 def run_loop(model: nn.Module, objective: LoopObjective, data: ImageSet, spec: InputSpec, cfg: LoopConfig,
              out: Path, rt: Runtime, *, teacher: Teacher | None = None, val: ImageSet | None = None,
              stop_after: int | None = None, tensorboard: bool = False,
@@ -263,6 +158,51 @@ def run_loop(model: nn.Module, objective: LoopObjective, data: ImageSet, spec: I
                         f" {ranks.world} ranks at least one image")
     per_epoch = max(1, len(data) // cfg.batch_size)
     total = cfg.steps or cfg.epochs * per_epoch
+    frozen, taps = _place(model, objective, teacher, cfg, device)
+    optimizers = Optimizers(model, objective, cfg, total)
+    checkpoints = Checkpoints(out / "checkpoints", model, objective, optimizers, cfg, ranks.main)
+    step, best = checkpoints.restore()
+    resumed_from = step
+    parts = TrainParts(model, _distributed(model, rt), objective,
+                       _distributed(objective, rt, find_unused_parameters=True), frozen, taps, spec, cfg, device)
+    log = RunLog(out, step, tensorboard, on_event, ranks.main)
+    batches = _Batches(_on_device(data, device), cfg, per_epoch, total, ranks)
+    meter, record = Meter(step), {}
+    log.event(Started(step, total, per_epoch))
+    try:
+        while step < total and (stop_after is None or step < stop_after):
+            epoch, i = divmod(step, per_epoch)
+            batch = batches.get(step)
+            losses = train_step(parts, optimizers, batch, _generator(cfg.seed, epoch, i, 1))
+            step += 1
+            meter.add(losses, batch.size)
+            end_of_epoch = step % per_epoch == 0 or step == total
+            checkpoint = step % cfg.checkpoint_every == 0 or step == total
+            if step % cfg.log_every == 0 or end_of_epoch or checkpoint:
+                record = meter.record(step, per_epoch, model_lr(cfg, step - 1, total), ranks)
+                if end_of_epoch and val is not None:
+                    record["val_top1"] = accuracy(model, val, spec, device, cfg)
+                    if best is None or record["val_top1"] > best["val_top1"]:
+                        best = {"step": step, "val_top1": record["val_top1"]}
+                        checkpoints.save("best.pt", step, best)
+                log.record(record)
+            if checkpoint:
+                checkpoints.save("last.pt", step, best)
+    finally:
+        batches.close()
+        log.close()
+        for tap in taps or ():
+            tap.remove()
+    if step < total:  # stopped early (stop_after); a finished run saved at its last step
+        checkpoints.save("last.pt", step, best)
+    return LoopResult(step, step / per_epoch, record or log.last, best, resumed_from)
+
+
+def _place(model: nn.Module, objective: LoopObjective, teacher: Teacher | None, cfg: LoopConfig,
+           device: torch.device) -> tuple[nn.Module | None, tuple[FeatureTap, FeatureTap] | None]:
+    """Move the model, the objective and the teacher to the device (channels-last when asked; the
+    teacher in eval mode); returns the teacher's module and, when the objective needs features,
+    the taps on the model's and the teacher's first member's penultimate layers."""
     model.to(device)
     objective.to(device)
     frozen = teacher.model if teacher is not None else None
@@ -272,88 +212,11 @@ def run_loop(model: nn.Module, objective: LoopObjective, data: ImageSet, spec: I
             frozen.to(memory_format=torch.channels_last)
     if frozen is not None:
         frozen.eval()
-    taps = None
-    if objective.needs_features:
-        if teacher is None:
-            raise ValueError("an objective that needs features needs a teacher")
-        taps = (FeatureTap(model, "the student"), FeatureTap(teacher.members[0], "--teacher"))
-    optimizers = _Optimizers(model, objective, cfg)
-    last_path, best_path = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
-    step, best = 0, None
-    if last_path.is_file():
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        objective.load_state_dict(state["objective"])
-        optimizers.load_state_dict(state)
-        step, best = state["step"], state.get("best")
-    resumed_from = step
-    train_model, train_objective = _distributed(model, rt), _distributed(objective, rt, find_unused_parameters=True)
-
-    def save(path: Path) -> None:
-        if ranks.main:
-            state = {"model": model.state_dict(), "objective": objective.state_dict(), **optimizers.state_dict(),
-                     "step": step, "best": best, "config": asdict(cfg)}
-            atomic_write(path, lambda f: torch.save(state, f), "wb")
-
-    log = _Log(out, step, tensorboard, on_event, ranks.main)
-    batches = _Batches(_on_device(data, device), cfg, per_epoch, total, ranks)
-    meter, record = _Meter(step), {}
-    log.event(Started(step, total, per_epoch))
-    try:
-        while step < total and (stop_after is None or step < stop_after):
-            epoch, i = divmod(step, per_epoch)
-            images, y, offset, batch_len = batches.get(step)
-            x = augment_batch(images.to(device, non_blocking=True), cfg.augment, cfg.pad,
-                              _generator(cfg.seed, epoch, i, 1), offset=offset, total=batch_len)
-            x = normalize(x, spec, device, cfg.channels_last)
-            lr = cfg.lr * lr_factor(cfg, step, total)
-            optimizers.set_factor(lr / cfg.lr)
-            model.train()
-            y = y.to(device, non_blocking=True)
-            with autocast(device, cfg.amp):
-                t_logits = t_feat = None
-                if frozen is not None:
-                    with torch.no_grad():
-                        t_logits = frozen(x).float()
-                    t_feat = taps[1].value if taps else None
-                    rows = objective.rows(t_logits)
-                    if rows is not None:  # online selection: the model sees the chosen rows only
-                        x, y, t_logits = x[rows], y[rows], t_logits[rows]
-                        t_feat = t_feat[rows] if t_feat is not None else None
-                outputs_ = train_model(x).float()
-            losses = train_objective(Batch(outputs_, y, t_logits, (taps[0].value, t_feat) if taps else None))
-            optimizers.step(losses["loss"])
-            step += 1
-            meter.add(losses, batch_len)
-            end_of_epoch = step % per_epoch == 0 or step == total
-            checkpoint = step % cfg.checkpoint_every == 0 or step == total
-            if step % cfg.log_every == 0 or end_of_epoch or checkpoint:
-                record = meter.record(step, per_epoch, lr, ranks)
-                if end_of_epoch and val is not None:
-                    record["val_top1"] = accuracy(model, val, spec, device, cfg)
-                    if best is None or record["val_top1"] > best["val_top1"]:
-                        best = {"step": step, "val_top1": record["val_top1"]}
-                        save(best_path)
-                log.record(record)
-            if checkpoint:
-                save(last_path)
-    finally:
-        batches.close()
-        log.close()
-        for tap in taps or ():
-            tap.remove()
-    if step < total:  # stopped early (stop_after); a finished run saved at its last step
-        save(last_path)
-    return LoopResult(step, step / per_epoch, record or log.last, best, resumed_from)
-
-
-def _board(folder: Path, step: int):
-    """A TensorBoard writer; on a resume, events after ``step`` are dropped (they will be redone)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise DfkdError("--tensorboard needs the tensorboard package: pip install 'dfkd[tensorboard]'") from None
-    return SummaryWriter(str(folder), purge_step=step + 1 if step else None)
+    if not objective.needs_features:
+        return frozen, None
+    if teacher is None:
+        raise ValueError("an objective that needs features needs a teacher")
+    return frozen, (FeatureTap(model, "the student"), FeatureTap(teacher.members[0], "--teacher"))
 
 
 def _part(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -394,8 +257,7 @@ class _Batches:
         offset, part = _part(len(batch), self.ranks.rank, self.ranks.world)
         return batch[offset:offset + part], offset, len(batch)
 
-    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        """(uint8 images, labels, this rank's offset in the global batch, the global batch's size)."""
+    def get(self, step: int) -> RankBatch:
         idx, offset, size = self._indices(step)
         if self.pending is not None and self.pending[0] == step:
             images = self.pending[1].result()
@@ -404,24 +266,8 @@ class _Batches:
         self.pending = None
         if self.reader is not None and step + 1 < self.total:
             self.pending = (step + 1, self.reader.submit(self.data.read, self._indices(step + 1)[0]))
-        return images, self.data.labels[idx.to(self.data.labels.device)], offset, size
+        return RankBatch(images, self.data.labels[idx.to(self.data.labels.device)], offset, size)
 
     def close(self) -> None:
         if self.reader is not None:
             self.reader.shutdown(wait=True)
-
-
-def _truncate_metrics(path: Path, step: int) -> dict:
-    """Drop records written after the checkpoint we resume from (they will be redone); returns
-    the last record kept (what a finished run that is started again reports)."""
-    if not path.is_file():
-        return {}
-    keep = []
-    for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            if json.loads(ln).get("step", 0) <= step:
-                keep.append(ln)
-        except ValueError:  # a line torn by a killed run
-            continue
-    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
-    return json.loads(keep[-1]) if keep else {}
