@@ -7,7 +7,7 @@ package, ``dfkd.distill_student`` the function), so that neither hides the other
     import dfkd
 
     teacher = dfkd.load_card("teacher/model.yaml")
-    sel = dfkd.select_pool(teacher, "wild/", "runs/select", num=2000)
+    sel = dfkd.select_pool(teacher, "wild/", "runs/select", num_images=2000)
     run = dfkd.distill_student(teacher, "resnet8", [sel.files["selected"]], "runs/student",
                                dfkd.DistillConfig(method="kd", epochs=20))
     print(dfkd.evaluate_model(dfkd.load_card(run.card), "test/").top1)
@@ -21,9 +21,11 @@ _API = {  # name -> (module, attribute)
     "load_model": ("dfkd.cards", "load_model"),
     "select_pool": ("dfkd.select.run", "select_pool"),
     "merge_shards": ("dfkd.select.run", "merge_shards"),
+    "SelectConfig": ("dfkd.select.run", "SelectConfig"),
     "pu_train": ("dfkd.pu.train", "pu_train"),
     "PuConfig": ("dfkd.pu.train", "PuConfig"),
     "expand": ("dfkd.pu.expand", "expand"),
+    "ExpandConfig": ("dfkd.pu.expand", "ExpandConfig"),
     "distill_student": ("dfkd.distill.run", "distill"),
     "DistillConfig": ("dfkd.distill.run", "DistillConfig"),
     "train_classifier": ("dfkd.train.classifier", "train_classifier"),
