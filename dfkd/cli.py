@@ -8,17 +8,19 @@ import enum
 import functools
 import json
 import math
+import os
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .console import emit, err, progress, table
-from .errors import DfkdError, out_of_memory
+from .console import MAIN, emit, err, progress, table
+from .errors import DfkdError, PeerError, out_of_memory, peer_gone
 from .io import disk_full
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -79,8 +81,6 @@ def _options(trust_code: bool = typer.Option(
         version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                      help="Print dfkd's version and exit.")) -> None:
     if trust_code:
-        import os
-
         from .cards import TRUST_CODE
 
         os.environ[TRUST_CODE] = "1"
@@ -104,13 +104,15 @@ def command(fn):
             try:
                 fn(*args, **kwargs)
             except DfkdError as e:
-                _fail(name, str(e))
+                _fail(name, str(e), own=not isinstance(e, PeerError))
             except KeyboardInterrupt:
                 _show(held)
                 err.print("[yellow]interrupted[/]: run the same command again to resume")
                 raise typer.Exit(130)
             except Exception as e:
                 full, oom = disk_full(e), out_of_memory(e)
+                if peer_gone(e):  # another rank ended on its error, shown on its own line
+                    _fail(name, "another rank stopped on an error (its line is above); every rank stops", own=False)
                 if full is None and oom is None:
                     _show(held)
                     raise
@@ -125,8 +127,14 @@ def command(fn):
     return app.command(name)(wrapper)
 
 
-def _fail(name: str, message: str) -> None:
-    err.print(f"[bold red]dfkd {name}: error:[/] {escape(message)}", soft_wrap=True)
+def _fail(name: str, message: str, own: bool = True) -> None:
+    """One line and exit 2. Under torchrun rank 0 prints; another rank prints only an error of its
+    own (``own``), which rank 0 never heard of; one it was told (a PeerError) rank 0 shows."""
+    line = f"[bold red]dfkd {name}: error:[/] {escape(message)}"
+    if MAIN:
+        err.print(line, soft_wrap=True)
+    elif own:
+        Console(stderr=True, highlight=False).print(f"{line} [dim](rank {os.environ.get('RANK')})[/]", soft_wrap=True)
     raise typer.Exit(2)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import DfkdError
+from .errors import DfkdError, PeerError
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,11 @@ class Ranks:
         return box[0]
 
     def agree(self, error: str | None) -> None:
-        """Raise the first rank's error on every rank, so that all ranks stop together."""
+        """Raise the first rank's error on every rank, so that all ranks stop together (on the
+        others as a :class:`~dfkd.errors.PeerError`)."""
         errors = [e for e in self.all_gather(error) if e]
         if errors:
-            raise DfkdError(errors[0])
+            raise DfkdError(error) if error else PeerError(errors[0])
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import gpu_decode
-from .errors import DfkdError, out_of_memory
+from .errors import DfkdError, PeerError, out_of_memory
 from .images import BadImage, InputSpec, image_tensor, normalize
 from .io import write_json
 from .lifecycle import Run
@@ -130,7 +130,7 @@ def stream(model: nn.Module, spec: InputSpec, rows: Callable[[], Iterator[dict]]
         if error:
             if own_bug is not None:
                 raise own_bug  # this rank's own bug keeps its traceback; the others end with one line
-            raise DfkdError(error)
+            raise DfkdError(error) if payload and payload[1] else PeerError(error)
         yield [r for p in gathered if p for r in p[0]] if ranks.main else []
 
 

@@ -8,6 +8,21 @@ class DfkdError(Exception):
     """Bad input a user can act on: say what was wrong, which file or flag, and what to do."""
 
 
+class PeerError(DfkdError):
+    """Another rank's error, told to this one so that every rank stops together: rank 0 shows
+    it; the rank that met it shows its own line."""
+
+
+# What gloo and NCCL say when a rank of the group has gone (it ended on an error of its own).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+              "remote process exited or there was a network error")
+
+
+def peer_gone(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another rank of the group has ended."""
+    return isinstance(error, RuntimeError) and any(t in str(error) for t in _PEER_GONE)
+
+
 # What PyTorch's allocators (CPU and CUDA) and the DataLoader say when memory runs out.
 _OOM_TEXT = ("out of memory", "can't allocate memory", "is killed by signal: Killed")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from .cards import ModelCard
-from .errors import DfkdError, out_of_memory
+from .errors import DfkdError, PeerError, out_of_memory
 from .events import Event, OnEvent
 from .index import write_index
 from .io import write_json, write_text
@@ -169,5 +169,5 @@ class Run:
         if failure is not None:
             raise failure
         if line is not None:
-            raise DfkdError(line)
+            raise PeerError(line)
         return value

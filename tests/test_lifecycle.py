@@ -156,3 +156,37 @@ def test_an_error_only_rank_0_meets_ends_every_rank_with_its_line(tmp_path):
     errors = [line for line in done.stderr.splitlines() if "dfkd select: error:" in line]
     assert errors and all("no image of the pool could be scored" in e for e in errors), done.stderr
     assert not [line for line in done.stderr.splitlines() if line.strip().startswith('File "') and "/dfkd/" in line]
+
+
+FAIL_ON_RANK_1 = """
+import os, sys
+import dfkd.select.run as run
+from dfkd.cli import main
+from dfkd.errors import DfkdError
+real = run.load_teacher
+def load_teacher(*a, **k):  # rank 1 alone meets an error, before any collective of the run
+    if os.environ["RANK"] == "1":
+        raise DfkdError("rank 1 cannot read its teacher")
+    return real(*a, **k)
+run.load_teacher = load_teacher
+sys.argv = ["dfkd", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_an_error_only_rank_1_meets_is_shown_and_ends_every_rank(tmp_path, pattern_folder, random_teacher):
+    """Rank 1's own line reaches the user (rank 0 never heard of it), and rank 0, left in a
+    collective, ends with one line too, not gloo's traceback."""
+    script = tmp_path / "fail.py"
+    script.write_text(FAIL_ON_RANK_1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           "select", "--teacher", str(random_teacher), "--pool", str(pattern_folder), "--out", str(tmp_path / "sel"),
+           "--device", "cpu", "--workers", "0"]
+    start = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV)
+    assert time.monotonic() - start < 200 and done.returncode != 0
+    lines = done.stderr.splitlines()
+    assert any(line.startswith("dfkd select: error: rank 1 cannot read its teacher (rank 1)") for line in lines)
+    assert any(line.startswith("dfkd select: error: another rank stopped") for line in lines), done.stderr
+    assert not [line for line in lines if line.startswith("[rank0]:")], done.stderr
