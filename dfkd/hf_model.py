@@ -167,6 +167,10 @@ def load_hf(card, device: torch.device | str = "cpu") -> nn.Module:
     except (ValueError, KeyError, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise DfkdError(f"{folder / CONFIG}: transformers cannot build an image classifier from it ({first})") from None
+    except ImportError as e:  # e.g. transformers 5 with PyTorch older than 2.6
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
+        raise DfkdError(f"{folder}: transformers {transformers.__version__} cannot build its model with PyTorch"
+                        f" {torch.__version__} ({first})") from None
     state: dict[str, torch.Tensor] = {}
     for f in weight_files(folder):
         try:

@@ -224,7 +224,7 @@ def warnings_shown(monkeypatch):
 
 
 @pytest.mark.parametrize("model,fragment", [
-    ("weights.pt", "neither a YAML model card (.yaml) nor a TorchScript file"),
+    ("weights.pt", "is a state_dict, not a model card: write a card that names it"),
     ("bare.ts", "does not say its input"),
     ("ts_weights.yaml", "bare.ts"),
 ])

@@ -150,7 +150,10 @@ def hf_folder(root: Path, processor: dict | None = None):
     names = ["bars_h", "bars_v", "blob"]
     config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                        id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    model = transformers.ResNetForImageClassification(config).eval()
+    try:
+        model = transformers.ResNetForImageClassification(config).eval()
+    except ImportError as e:  # transformers 5 needs PyTorch 2.6 (the low end of dfkd's range is 2.5)
+        pytest.skip(f"transformers {transformers.__version__} cannot build models with torch {torch.__version__}: {e}")
     model.save_pretrained(str(root))
     pp = processor or {"do_resize": True, "size": {"height": 16, "width": 16}, "do_rescale": True,
                        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": MEAN, "image_std": STD}
