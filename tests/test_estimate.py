@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from dfkd.cards import load_card
@@ -153,3 +154,61 @@ def test_noisy_without_accuracy_errors_or_estimates_from_the_teachers_confidence
     r = distill(card, "resnet8", [pattern_folder], tmp_path / "noisy",
                 cfg("noisy", steps=2, objective={"estimate_accuracy": True}), workers=0, device="cpu")
     assert "mean confidence on the training images (an estimate: " in r.description
+
+
+def test_estimate_refuses_noise_values_that_fill_one_histogram_bin():
+    rng = np.random.default_rng(0)
+    rows = list(zip(rng.integers(0, K, 1000).tolist(), (np.log(K) - rng.uniform(0, 1e-5, 1000)).tolist()))
+    with pytest.raises(DfkdError, match="nearly the same noise value"):
+        estimate_in_distribution(iter(rows), K)
+
+
+def _cli(*args):
+    res = CliRunner().invoke(app, [*args, "--workers", "0", "--device", "cpu"])
+    assert "Traceback" not in res.output and (res.exception is None or isinstance(res.exception, SystemExit))
+    return res.exit_code, res.stderr.strip().splitlines()
+
+
+def test_cli_bad_cases_end_with_one_line_and_exit_2(tmp_path, pattern_folder, random_teacher):
+    from dfkd.cards import save_card
+    from dfkd.images import InputSpec
+    from dfkd.models import ARCHS
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = _cli("select", "--teacher", str(random_teacher), "--pool", str(empty), "--out",
+                     str(tmp_path / "s1"), "--num-images", "auto")
+    assert code == 2 and len(err) == 1 and "the pool is empty" in err[0], err
+    torch.manual_seed(0)
+    model = ARCHS.get("resnet8")(num_classes=3, in_channels=1)
+    torch.nn.init.zeros_(model.fc.weight)
+    torch.nn.init.zeros_(model.fc.bias)
+    flat = save_card(tmp_path / "flat" / "teacher.yaml", "resnet8", 3,
+                     InputSpec(size=(16, 16), channels=1, mean=[0.5], std=[0.5]), model.state_dict(),
+                     classes=["bars_h", "bars_v", "blob"])
+    code, err = _cli("select", "--teacher", str(flat), "--pool", str(pattern_folder), "--out",
+                     str(tmp_path / "s2"), "--num-images", "auto")
+    assert code == 2 and len(err) == 1 and "every pool image has the same noise value (1.099)" in err[0], err
+    assert not (tmp_path / "s2" / "selected.tsv").exists()
+    few = tmp_path / "few" / "bars_h"
+    few.mkdir(parents=True)
+    for f in sorted((pattern_folder / "bars_h").glob("*.png"))[:3]:
+        (few / f.name).write_bytes(f.read_bytes())
+    code, err = _cli("pu-train", "--teacher", str(random_teacher), "--positive", str(few.parent), "--unlabeled",
+                     str(pattern_folder), "--out", str(tmp_path / "p1"), "--prior", "auto", "--steps", "1")
+    assert code == 2 and err[-1].startswith("dfkd pu-train: error: --prior auto: needs at least 10 positives"), err
+    assert not (tmp_path / "p1" / "pu.yaml").exists()
+
+
+def test_cli_prior_auto_refuses_positives_unlike_every_pool_image(tmp_path, digits_folders, digits_teacher):
+    """Positives: digits; pool: random-noise images only (no image like them): not identifiable."""
+    train, _ = digits_folders
+    rng = np.random.default_rng(3)
+    pool = tmp_path / "noise"
+    pool.mkdir()
+    for i in range(300):
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8), "L").save(pool / f"n{i:03d}.png")
+    code, err = _cli("pu-train", "--teacher", str(digits_teacher), "--positive", str(train), "--unlabeled",
+                     str(pool), "--out", str(tmp_path / "pu"), "--prior", "auto", "--steps", "1")
+    assert code == 2 and "no pool image looks like the positives" in err[-1] and "not identifiable" in err[-1], err
+    assert not (tmp_path / "pu" / "pu.yaml").exists()
