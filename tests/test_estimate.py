@@ -14,6 +14,7 @@ from dfkd.cli import app
 from dfkd.distill.noisy import teacher_diagonal
 from dfkd.distill.run import distill
 from dfkd.errors import DfkdError
+from dfkd.index import read_index
 from dfkd.mixture import best_bin_estimate, top_bins
 from dfkd.pu.prior import estimate_prior
 from dfkd.pu.train import PuConfig, pu_train
@@ -212,3 +213,22 @@ def test_cli_prior_auto_refuses_positives_unlike_every_pool_image(tmp_path, digi
                      str(pool), "--out", str(tmp_path / "pu"), "--prior", "auto", "--steps", "1")
     assert code == 2 and "no pool image looks like the positives" in err[-1] and "not identifiable" in err[-1], err
     assert not (tmp_path / "pu" / "pu.yaml").exists()
+
+
+def test_report_shows_the_auto_estimate_and_its_cut(tmp_path, digits_folders, digits_teacher):
+    """dfkd report on a --num-images auto run: the manifest's estimate, method, range and the
+    pool's noise value at the estimated count; a fixed-budget run has no such section."""
+    _, test = digits_folders
+    pool = wild_pool(tmp_path / "pool", test)
+    for num in ("auto", "50"):
+        code, err = _cli("select", "--teacher", str(digits_teacher), "--pool", str(pool), "--out",
+                         str(tmp_path / num), "--num-images", num, "--dedup", "off")
+        assert code == 0, err
+        assert CliRunner().invoke(app, ["report", str(tmp_path / num)]).exit_code == 0
+    e = json.loads((tmp_path / "auto" / "manifest.json").read_text())["summary"]["in_distribution"]
+    page = (tmp_path / "auto" / "report.html").read_text()
+    scores = sorted(float(r["score"]) for r in read_index(tmp_path / "auto" / "scores.tsv").rows)
+    assert f"{e['count']} of {e['scored']} ({e['share']:.1%})" in page
+    assert f"{e['low']} .. {e['high']}" in page and f"{e['method']}: {e['detail']}" in page
+    assert f"score &lt;= {scores[e['count'] - 1]:.6g}: the {e['count']} lowest" in page
+    assert "In-distribution estimate" not in (tmp_path / "50" / "report.html").read_text()
