@@ -232,3 +232,31 @@ def test_report_shows_the_auto_estimate_and_its_cut(tmp_path, digits_folders, di
     assert f"{e['low']} .. {e['high']}" in page and f"{e['method']}: {e['detail']}" in page
     assert f"score &lt;= {scores[e['count'] - 1]:.6g}: the {e['count']} lowest" in page
     assert "In-distribution estimate" not in (tmp_path / "50" / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_pipelines_run_without_a_number_to_guess(tmp_path, digits_folders, digits_teacher):
+    """NUM=auto pipelines/dfnd.sh and PRIOR=auto pipelines/pu.sh, end to end on the digits pool."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    train, test = digits_folders
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "STEPS": "2",
+           "SELECT_ARGS": "--workers 0 --dedup off", "DISTILL_ARGS": "--workers 0 --batch-size 16"}
+    pool = wild_pool(tmp_path / "pool", test)
+    out = subprocess.run(["bash", str(root / "pipelines/dfnd.sh"), str(digits_teacher), str(pool), str(tmp_path / "dfnd")],
+                         env={**env, "NUM": "auto"}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "dfnd" / "select" / "manifest.json").read_text())["summary"]
+    assert summary["selected"] == summary["in_distribution"]["count"] > 0 and Path(out.stdout.strip()).is_file()
+    pos, upool, _ = pu_data(tmp_path / "pu-data", train)
+    out = subprocess.run(["bash", str(root / "pipelines/pu.sh"), str(digits_teacher), str(pos), str(upool),
+                          str(tmp_path / "pu")], env={**env, "PRIOR": "auto", "PU_ARGS": "--steps 2 --workers 0",
+                                                      "EXPAND_ARGS": "--workers 0"}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pu = load_card(tmp_path / "pu" / "pu" / "pu.yaml").extra["pu"]
+    assert pu["prior_estimate"]["prior"] == pytest.approx(pu["prior"], abs=1e-6) and 0 < pu["prior"] < 1
+    assert Path(out.stdout.strip()).is_file()
