@@ -47,18 +47,7 @@ def estimate_prior(positive: torch.Tensor, unlabeled: torch.Tensor, seed: int = 
                         " give --prior P")
     if n_u < FOLDS:
         raise DfkdError(f"{FLAG}: needs at least {FOLDS} pool images (got {n_u}); give --prior P")
-    g = torch.Generator().manual_seed(seed)
-    fold_p, fold_u = torch.randperm(n_p, generator=g) % FOLDS, torch.randperm(n_u, generator=g) % FOLDS
-    x = torch.cat([positive, unlabeled]).double()
-    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-8)
-    s = torch.cat([torch.ones(n_p), torch.zeros(n_u)]).double()
-    fold = torch.cat([fold_p, fold_u])
-    score = torch.empty(n_p + n_u, dtype=torch.float64)
-    for k in range(FOLDS):
-        fit = fold != k
-        w = logistic_regression(x[fit], s[fit])
-        score[~fit] = x[~fit] @ w[:-1] + w[-1]
-    est = best_bin_estimate(*top_bins(score[:n_p].numpy(), score[n_p:].numpy()), n_p, n_u)
+    est = best_bin_estimate(*top_bins(*crossfit_scores(positive, unlabeled, seed)), n_p, n_u)
     if est.alpha * n_u < 1:
         raise DfkdError(f"{FLAG}: no pool image looks like the positives (estimated prior {est.alpha:.3g}),"
                         " so the prior is not identifiable; check --positive and --unlabeled")
@@ -68,7 +57,26 @@ def estimate_prior(positive: torch.Tensor, unlabeled: torch.Tensor, seed: int = 
     return PriorEstimate(est.alpha, est.low, est.high, n_p, n_u)
 
 
-def logistic_regression(x: torch.Tensor, s: torch.Tensor, iterations: int = 100) -> torch.Tensor:
+def crossfit_scores(positive: torch.Tensor, unlabeled: torch.Tensor, seed: int = 0,
+                    l2: float = L2) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out P-vs-U logistic scores (logits, classes weighted equally) of the positives and of
+    the pool: each from the fit of the FOLDS - 1 folds it is not in."""
+    n_p, n_u = len(positive), len(unlabeled)
+    g = torch.Generator().manual_seed(seed)
+    fold_p, fold_u = torch.randperm(n_p, generator=g) % FOLDS, torch.randperm(n_u, generator=g) % FOLDS
+    x = torch.cat([positive, unlabeled]).double()
+    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-8)
+    s = torch.cat([torch.ones(n_p), torch.zeros(n_u)]).double()
+    fold = torch.cat([fold_p, fold_u])
+    score = torch.empty(n_p + n_u, dtype=torch.float64)
+    for k in range(FOLDS):
+        fit = fold != k
+        w = logistic_regression(x[fit], s[fit], l2=l2)
+        score[~fit] = x[~fit] @ w[:-1] + w[-1]
+    return score[:n_p].numpy(), score[n_p:].numpy()
+
+
+def logistic_regression(x: torch.Tensor, s: torch.Tensor, iterations: int = 100, l2: float = L2) -> torch.Tensor:
     """Weights (D+1, bias last) of an L2-regularised logistic regression of ``s`` on ``x``, the two
     classes weighted equally (positives are few), fitted by L-BFGS."""
     w = torch.zeros(x.shape[1] + 1, dtype=x.dtype, requires_grad=True)
@@ -79,7 +87,7 @@ def logistic_regression(x: torch.Tensor, s: torch.Tensor, iterations: int = 100)
         opt.zero_grad()
         z = x @ w[:-1] + w[-1]
         value = (weight * torch.nn.functional.binary_cross_entropy_with_logits(z, s, reduction="none")).sum() \
-            + L2 * (w[:-1] ** 2).sum()
+            + l2 * (w[:-1] ** 2).sum()
         value.backward()
         return value
 
