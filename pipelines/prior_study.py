@@ -57,6 +57,12 @@ def bbe(l2=P.L2, seeds=(0,)):
     return run
 
 
+def split_std(pos, unl, seeds=range(8)):
+    """How much one fold split's BBE estimate moves with the split: the standard deviation over 8."""
+    return float(np.std([best_bin_estimate(*top_bins(*P.crossfit_scores(pos, unl, s)), len(pos), len(unl)).alpha
+                         for s in seeds]))
+
+
 def elkan_noto(pos, unl):
     """Elkan & Noto (2008) e1: c = mean P(s=1|x) over held-out positives (the balanced fit's logit
     moved to the sample's proportions), prior = n_p (1 - c) / (c n_u)."""
@@ -66,7 +72,7 @@ def elkan_noto(pos, unl):
 
 
 ESTIMATORS = {"auto": lambda pos, unl: P.estimate_prior(pos, unl).prior,  # what --prior auto gives
-              "bbe_1split": bbe(), "bbe_8splits": bbe(seeds=range(8)), "bbe_l2_0.01": bbe(0.01),
+              "bbe_1split": bbe(), "bbe_8splits": bbe(seeds=range(8)), "bbe_split_std": split_std, "bbe_l2_0.01": bbe(0.01),
               "bbe_l2_1": bbe(1.0), "elkan_noto_e1": elkan_noto}
 
 

@@ -5,7 +5,7 @@ on the PU model's pooled multi-scale features before training (the teacher's wei
 cross-fitted in FOLDS folds, so every positive and every pool image is scored by a fit that never
 saw it, and the pool's share drawn from the positives' distribution is read from those scores by
 Best Bin Estimation (Garg et al., NeurIPS 2021; dfkd/mixture.py); the estimate is the mean over
-SPLITS different fold splits (one split's estimate has a standard deviation of up to 0.017 over
+SPLITS different fold splits (one split's estimate has a standard deviation of up to 0.013 over
 splits on the demo pools). Not identifiable, and refused,
 when there are too few positives, or when no pool image scores like them.
 """
