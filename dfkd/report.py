@@ -108,7 +108,8 @@ def _scores(index: Index) -> np.ndarray:
         raise DfkdError(f"{index.source}: a score is not a number ({e})") from None
 
 
-def _histogram(values, chosen, what: str, chosen_name: str, threshold: float | None = None) -> str:
+def _histogram(values, chosen, what: str, chosen_name: str, threshold: float | None = None,
+               threshold_label: str = "threshold") -> str:
     fig = _figure(11, 3.2)
     ax = fig.add_subplot()
     finite = values[np.isfinite(values)]
@@ -126,7 +127,7 @@ def _histogram(values, chosen, what: str, chosen_name: str, threshold: float | N
         ax.axvspan(chosen.min(), chosen.max(), color="C0", alpha=0.08, label=f"{chosen_name} range")
         ax.hist(chosen, bins, color="C0", alpha=0.8, label=f"{chosen_name} ({len(chosen)})")
     if threshold is not None:
-        ax.axvline(threshold, color="C3", ls="--", label=f"threshold {threshold:.4g}")
+        ax.axvline(threshold, color="C3", ls="--", label=f"{threshold_label} {threshold:.4g}")
     ax.set(yscale="log", xlabel=what, ylabel="images (log scale)")
     ax.legend(loc="best", fontsize=9)
     return _img(fig)
@@ -186,11 +187,11 @@ def _grid(index: Index, values: np.ndarray, labels: np.ndarray, lower_better: bo
 
 def _ranking(scored: Index, chosen: Index | None, names: list[str], *, what: str, lower_better: bool,
              chosen_name: str, threshold: float | None = None, label: str = "label",
-             more_groups: dict[str, np.ndarray] | None = None) -> list[str]:
+             more_groups: dict[str, np.ndarray] | None = None, threshold_label: str = "threshold") -> list[str]:
     """Histogram, per-class counts and the thumbnail grid shared by select and expand."""
     values = _scores(scored)
     chosen_values = _scores(chosen) if chosen is not None and "score" in chosen.columns else None
-    parts = ["<h3>Scores</h3>", _histogram(values, chosen_values, what, chosen_name, threshold),
+    parts = ["<h3>Scores</h3>", _histogram(values, chosen_values, what, chosen_name, threshold, threshold_label),
              "<h3>Images per teacher class</h3>"]
     if label not in scored.columns:
         return parts + [_note(f"no {label} column: no per-class counts, and the best and worst images are"
@@ -220,6 +221,20 @@ def _count(run: Path, name: str) -> int | str:
     return len(read_index(run / name)) if (run / name).is_file() else f"no {name}"
 
 
+def _estimate_table(e: dict, cut: float | None) -> list[str]:
+    """``select --num-images auto``'s estimate as the manifest stores it (summary.in_distribution),
+    and the pool's noise value at that count (the dashed line of the histogram)."""
+    share = e.get("share")
+    rows = [("estimated in-distribution images", f"{e.get('count')} of {e.get('scored')}"
+             + (f" ({share:.1%})" if isinstance(share, (int, float)) else "")),
+            ("range", f"{e.get('low')} .. {e.get('high')}"),
+            ("method", f"{e.get('method')}: {e.get('detail', '')}")]
+    if cut is not None:
+        rows.append(("cut", f"score <= {cut:.6g}: the {e['count']} lowest of the scored pool"
+                            " (the selection spends that count by its --policy)"))
+    return ["<h3>In-distribution estimate (--num-images auto)</h3>", _table(["", ""], rows)]
+
+
 def _select_section(run: Path, manifest: dict, names: list[str]) -> list[str]:
     scored = read_index(run / "scores.tsv")
     selected = read_index(run / "selected.tsv") if (run / "selected.tsv").is_file() else None
@@ -230,8 +245,16 @@ def _select_section(run: Path, manifest: dict, names: list[str]) -> list[str]:
     if selected is None:
         parts.append(_note("no selected.tsv in this run directory: the selection is not shown"))
     score = manifest.get("options", {}).get("score", "noise")
+    estimate = manifest.get("summary", {}).get("in_distribution")
+    cut = None
+    if isinstance(estimate, dict):
+        values = np.sort(_scores(scored))
+        if isinstance(estimate.get("count"), int) and 0 < estimate["count"] <= len(values):
+            cut = float(values[estimate["count"] - 1])
+        parts += _estimate_table(estimate, cut)
     parts += _ranking(scored, selected, names, what=f"{score} score (lower = better)", lower_better=True,
-                      chosen_name="selected")
+                      chosen_name="selected", threshold=cut,
+                      threshold_label=f"estimated cut ({estimate['count']} lowest)" if cut is not None else "")
     return parts + _skipped_section(run)
 
 

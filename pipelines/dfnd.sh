@@ -2,6 +2,7 @@
 # DFND ("Learning Student Networks in the Wild", CVPR 2021): select -> distill (noisy) -> eval.
 #
 #   pipelines/dfnd.sh TEACHER_CARD[,TEACHER_CARD...] POOL OUT [TEST_DIR]
+#   NUM=auto pipelines/dfnd.sh ...   (no budget to guess: the estimated in-distribution count)
 #
 # Several comma-separated teacher cards make an ensemble (MEAL V2's averaged softmax).
 # Environment: NUM (images to select, default 2000; auto: the pool's in-distribution count, estimated
@@ -15,7 +16,7 @@
 # differs: use another OUT, or add --overwrite to that step's *_ARGS.
 # stdout: the student card's path.
 set -euo pipefail
-[ $# -ge 3 ] || { sed -n '2,15p' "$0" >&2; exit 2; }
+[ $# -ge 3 ] || { sed -n '2,17p' "$0" >&2; exit 2; }
 pool=$2 out=$3 test=${4:-}
 teachers=()
 IFS=, read -ra cards <<< "$1"

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from dfkd.cards import load_card
@@ -13,6 +14,7 @@ from dfkd.cli import app
 from dfkd.distill.noisy import teacher_diagonal
 from dfkd.distill.run import distill
 from dfkd.errors import DfkdError
+from dfkd.index import read_index
 from dfkd.mixture import best_bin_estimate, top_bins
 from dfkd.pu.prior import estimate_prior
 from dfkd.pu.train import PuConfig, pu_train
@@ -153,3 +155,108 @@ def test_noisy_without_accuracy_errors_or_estimates_from_the_teachers_confidence
     r = distill(card, "resnet8", [pattern_folder], tmp_path / "noisy",
                 cfg("noisy", steps=2, objective={"estimate_accuracy": True}), workers=0, device="cpu")
     assert "mean confidence on the training images (an estimate: " in r.description
+
+
+def test_estimate_refuses_noise_values_that_fill_one_histogram_bin():
+    rng = np.random.default_rng(0)
+    rows = list(zip(rng.integers(0, K, 1000).tolist(), (np.log(K) - rng.uniform(0, 1e-5, 1000)).tolist()))
+    with pytest.raises(DfkdError, match="nearly the same noise value"):
+        estimate_in_distribution(iter(rows), K)
+
+
+def _cli(*args):
+    res = CliRunner().invoke(app, [*args, "--workers", "0", "--device", "cpu"])
+    assert "Traceback" not in res.output and (res.exception is None or isinstance(res.exception, SystemExit))
+    return res.exit_code, res.stderr.strip().splitlines()
+
+
+def test_cli_bad_cases_end_with_one_line_and_exit_2(tmp_path, pattern_folder, random_teacher):
+    from dfkd.cards import save_card
+    from dfkd.images import InputSpec
+    from dfkd.models import ARCHS
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = _cli("select", "--teacher", str(random_teacher), "--pool", str(empty), "--out",
+                     str(tmp_path / "s1"), "--num-images", "auto")
+    assert code == 2 and len(err) == 1 and "the pool is empty" in err[0], err
+    torch.manual_seed(0)
+    model = ARCHS.get("resnet8")(num_classes=3, in_channels=1)
+    torch.nn.init.zeros_(model.fc.weight)
+    torch.nn.init.zeros_(model.fc.bias)
+    flat = save_card(tmp_path / "flat" / "teacher.yaml", "resnet8", 3,
+                     InputSpec(size=(16, 16), channels=1, mean=[0.5], std=[0.5]), model.state_dict(),
+                     classes=["bars_h", "bars_v", "blob"])
+    code, err = _cli("select", "--teacher", str(flat), "--pool", str(pattern_folder), "--out",
+                     str(tmp_path / "s2"), "--num-images", "auto")
+    assert code == 2 and len(err) == 1 and "every pool image has the same noise value (1.099)" in err[0], err
+    assert not (tmp_path / "s2" / "selected.tsv").exists()
+    few = tmp_path / "few" / "bars_h"
+    few.mkdir(parents=True)
+    for f in sorted((pattern_folder / "bars_h").glob("*.png"))[:3]:
+        (few / f.name).write_bytes(f.read_bytes())
+    code, err = _cli("pu-train", "--teacher", str(random_teacher), "--positive", str(few.parent), "--unlabeled",
+                     str(pattern_folder), "--out", str(tmp_path / "p1"), "--prior", "auto", "--steps", "1")
+    assert code == 2 and err[-1].startswith("dfkd pu-train: error: --prior auto: needs at least 10 positives"), err
+    assert not (tmp_path / "p1" / "pu.yaml").exists()
+
+
+def test_cli_prior_auto_refuses_positives_unlike_every_pool_image(tmp_path, digits_folders, digits_teacher):
+    """Positives: digits; pool: random-noise images only (no image like them): not identifiable."""
+    train, _ = digits_folders
+    rng = np.random.default_rng(3)
+    pool = tmp_path / "noise"
+    pool.mkdir()
+    for i in range(300):
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8), "L").save(pool / f"n{i:03d}.png")
+    code, err = _cli("pu-train", "--teacher", str(digits_teacher), "--positive", str(train), "--unlabeled",
+                     str(pool), "--out", str(tmp_path / "pu"), "--prior", "auto", "--steps", "1")
+    assert code == 2 and "no pool image looks like the positives" in err[-1] and "not identifiable" in err[-1], err
+    assert not (tmp_path / "pu" / "pu.yaml").exists()
+
+
+def test_report_shows_the_auto_estimate_and_its_cut(tmp_path, digits_folders, digits_teacher):
+    """dfkd report on a --num-images auto run: the manifest's estimate, method, range and the
+    pool's noise value at the estimated count; a fixed-budget run has no such section."""
+    _, test = digits_folders
+    pool = wild_pool(tmp_path / "pool", test)
+    for num in ("auto", "50"):
+        code, err = _cli("select", "--teacher", str(digits_teacher), "--pool", str(pool), "--out",
+                         str(tmp_path / num), "--num-images", num, "--dedup", "off")
+        assert code == 0, err
+        assert CliRunner().invoke(app, ["report", str(tmp_path / num)]).exit_code == 0
+    e = json.loads((tmp_path / "auto" / "manifest.json").read_text())["summary"]["in_distribution"]
+    page = (tmp_path / "auto" / "report.html").read_text()
+    scores = sorted(float(r["score"]) for r in read_index(tmp_path / "auto" / "scores.tsv").rows)
+    assert f"{e['count']} of {e['scored']} ({e['share']:.1%})" in page
+    assert f"{e['low']} .. {e['high']}" in page and f"{e['method']}: {e['detail']}" in page
+    assert f"score &lt;= {scores[e['count'] - 1]:.6g}: the {e['count']} lowest" in page
+    assert "In-distribution estimate" not in (tmp_path / "50" / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_pipelines_run_without_a_number_to_guess(tmp_path, digits_folders, digits_teacher):
+    """NUM=auto pipelines/dfnd.sh and PRIOR=auto pipelines/pu.sh, end to end on the digits pool."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    train, test = digits_folders
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "STEPS": "2",
+           "SELECT_ARGS": "--workers 0 --dedup off", "DISTILL_ARGS": "--workers 0 --batch-size 16"}
+    pool = wild_pool(tmp_path / "pool", test)
+    out = subprocess.run(["bash", str(root / "pipelines/dfnd.sh"), str(digits_teacher), str(pool), str(tmp_path / "dfnd")],
+                         env={**env, "NUM": "auto"}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "dfnd" / "select" / "manifest.json").read_text())["summary"]
+    assert summary["selected"] == summary["in_distribution"]["count"] > 0 and Path(out.stdout.strip()).is_file()
+    pos, upool, _ = pu_data(tmp_path / "pu-data", train)
+    out = subprocess.run(["bash", str(root / "pipelines/pu.sh"), str(digits_teacher), str(pos), str(upool),
+                          str(tmp_path / "pu")], env={**env, "PRIOR": "auto", "PU_ARGS": "--steps 2 --workers 0",
+                                                      "EXPAND_ARGS": "--workers 0"}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pu = load_card(tmp_path / "pu" / "pu" / "pu.yaml").extra["pu"]
+    assert pu["prior_estimate"]["prior"] == pytest.approx(pu["prior"], abs=1e-6) and 0 < pu["prior"] < 1
+    assert Path(out.stdout.strip()).is_file()

@@ -91,6 +91,9 @@ def estimate_in_distribution(rows: Iterable[tuple[int, float]], num_classes: int
                         " in-distribution images from the others; give --num-images N")
     if thresholds is not None:
         return _by_card(n, below, reference, source)
+    if (hist.sum(0) > 0).sum() < 2:  # one histogram bin: EM has no second component to find
+        raise DfkdError(f"{FLAG}: every pool image has nearly the same noise value ({lo:.4g}..{hi:.4g}), so nothing"
+                        " tells in-distribution images from the others; give --num-images N")
     return _by_mixture(n, hist, num_classes)
 
 
