@@ -178,6 +178,10 @@ def _input_row(record: dict) -> tuple[str, str]:
 
 
 def _manifest_input(out: Path) -> tuple[str, str]:
+    """The input row from the manifest rank 0 wrote (the other ranks print nothing, and on
+    another node may not see the file)."""
+    if not MAIN:
+        return "input", ""
     return _input_row(json.loads((out / "manifest.json").read_text(encoding="utf-8"))["input"])
 
 
@@ -586,12 +590,12 @@ def eval_(
     input_std: Optional[str] = INPUT_STD,
 ) -> None:
     """Top-1/top-5, per-class accuracy and confusion matrix of a model on labeled images."""
-    from .evaluate import evaluate, write_accuracy_to_card
+    from .evaluate import evaluate
 
     card = _card(model, input_size, input_channels, input_mean, input_std, flag="--model")
     with progress("evaluating") as update:
         result = evaluate(card, data, out, batch_size=batch_size, workers=workers, device=device, amp=amp,
-                          overwrite=overwrite, on_progress=update)
+                          overwrite=overwrite, write_card=write_card, on_progress=update)
     if out:
         emit(out / "eval.json")
     names = result.classes
@@ -606,7 +610,6 @@ def eval_(
         summary.append(("top-5", result.top5))
     err.print(table(f"eval {model.name}", ["", "value"], summary))
     if write_card:
-        write_accuracy_to_card(card, result)
         err.print(f"accuracy written to {card.path}")
     if not out:
         emit(json.dumps({"top1": result.top1, "top5": result.top5}))

@@ -40,12 +40,15 @@ class EvalResult:
 
 def evaluate(card: CardLike, data: str | Path, out: str | Path | None = None, *, batch_size: int = 256,
              workers: int | None = None, device: str = "auto", amp: bool | None = None, overwrite: bool = False,
-             on_progress: Callable[[int, int], None] | None = None) -> EvalResult:
+             write_card: bool = False, on_progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Evaluate ``card`` (a card or its path) on an ImageFolder/index (folders matched to the
-    card's ``classes``); with ``out``, write ``out/eval.json`` and the run's manifest.
+    card's ``classes``); with ``out``, write ``out/eval.json`` and the run's manifest; with
+    ``write_card``, store the accuracies in the card (:func:`write_accuracy_to_card`).
 
     Under torchrun the images are sharded over the ranks; every rank gets the result."""
     card = as_card(card, "card")
+    if write_card:
+        _yaml_card(card)
     rt = setup(device, amp, workers)
     index, _ = open_labeled(data, card.classes)
     labels = index.labels()
@@ -93,6 +96,8 @@ def evaluate(card: CardLike, data: str | Path, out: str | Path | None = None, *,
                 run.write_json("eval.json", asdict(r))
                 run.manifest({"batch_size": batch_size, "workers": rt.workers, "device": str(rt.device), "amp": rt.amp},
                              r.input, summary={"images": r.num_images, "skipped": len(r.skipped), "top1": r.top1})
+            if write_card:
+                write_accuracy_to_card(card, r)
             return r
 
         return run.on_main(result)
@@ -105,8 +110,12 @@ def evaluate(card: CardLike, data: str | Path, out: str | Path | None = None, *,
 def write_accuracy_to_card(card: ModelCard, result: EvalResult) -> Path:
     """Store overall and per-class accuracy in the card (DFND's noise-adaptation matrix uses them)
     and the noise value's quantiles (``select --num-images auto`` compares the pool with them)."""
-    if card.path.suffix.lower() not in (".yaml", ".yml"):
-        raise DfkdError(f"--write-card: {card.path} is not a YAML card")
+    _yaml_card(card)
     per_class = [a if a is not None else result.top1 for a in result.class_accuracy]
     return update_card(card.path, accuracy=round(result.top1, 6), class_accuracy=[round(a, 6) for a in per_class],
                        noise_values=result.noise_values)
+
+
+def _yaml_card(card: ModelCard) -> None:
+    if card.path.suffix.lower() not in (".yaml", ".yml"):
+        raise DfkdError(f"--write-card: {card.path} is not a YAML card")
