@@ -46,6 +46,7 @@ CASES = [
     ("pu-train --teacher {T} --positive {P} --unlabeled {P} --out {O} --prior 0.5 --reduction 0", "--reduction 0"),
     ("export --model {T} --out {D}", "is a directory"),
     ("expand --pu {T} --positive {P} --unlabeled {P} --out {O} --threshold nan", "--threshold nan"),
+    ("expand --pu {T} --positive {P} --unlabeled {P} --out {O} --threshold nan --num-images 5", "--threshold nan"),
     ("eval --model {TS} --data {P}", "no size, mean, std given, and dfkd assumes none; a bare TorchScript file"),
     ("eval --model {TS} --data {P} --input-size 32 --input-channels 3 --input-mean 0.5,0.5,0.5 --input-std 1,1,1",
      "does not take a 1x3x32x32 input"),

@@ -69,8 +69,9 @@ class Acceptance:
     def __post_init__(self) -> None:
         if self.num is not None and self.num < 1:
             raise DfkdError(f"--num-images {self.num}: must be at least 1")
-        if self.num is None and (self.threshold is None or not math.isfinite(self.threshold)):
-            raise DfkdError(f"--threshold {self.threshold}: must be a finite number")
+        if (self.num is None and self.threshold is None) or (self.threshold is not None
+                                                             and not math.isfinite(self.threshold)):
+            raise DfkdError(f"--threshold {self.threshold}: must be a finite number")  # NaN too, beside --num-images
         if self.repeat_positive < 1:
             raise DfkdError(f"--repeat-positive {self.repeat_positive}: must be at least 1")
         check_dedup(self.dedup, self.near)
