@@ -8,7 +8,7 @@ else the file's other keys (never another command's section).
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, fields, is_dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +66,11 @@ def resolve(cls: type, config: Any = None, sets: list[str] = (), flags: dict | N
     """The typed config ``cls`` (a dataclass) of a command: its defaults, then ``config`` (a YAML
     file's path, a dict, or a ``cls`` itself), ``--set`` items, then ``flags`` (None: not given;
     ``api``: they are keyword arguments of a library call, and errors name them so)."""
-    if isinstance(config, cls):
+    if isinstance(config, cls):  # its values are the defaults the other layers go over
         return cls(**resolve_config(asdict(config), None, sets, flags, api=api))
     if config is not None and not isinstance(config, (str, Path, dict)):
         raise DfkdError(f"config: expected a {cls.__name__}, a dict or a YAML file's path, not {type(config).__name__}")
-    names = {f.name for f in fields(cls)} if is_dataclass(cls) else set()
-    cfg = resolve_config(asdict(cls()), config, sets, flags, command, api)
-    return cls(**{k: v for k, v in cfg.items() if k in names})
+    return cls(**resolve_config(asdict(cls()), config, sets, flags, command, api))
 
 
 def resolve_config(defaults: dict, config_file: str | Path | dict | None = None, sets: list[str] = (),

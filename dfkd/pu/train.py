@@ -147,7 +147,7 @@ def pu_train(teacher: CardLike, positive: str | Path, unlabeled: str | Path, out
     teacher = as_card(teacher, "teacher")
     cfg = resolve(PuConfig, config, command="pu-train")
     cfg.check()
-    prior, beta, gamma = (cfg.nnpu[k] for k in ("prior", "beta", "gamma"))
+    beta, gamma = cfg.nnpu["beta"], cfg.nnpu["gamma"]  # the prior: in the run, where auto is estimated
     rt = setup(device, cfg.amp, workers, training=True)
     cfg = replace(cfg, amp=rt.amp)
     backbone = cfg.model["backbone"]
