@@ -5,7 +5,9 @@ Keys: ``arch`` (registry name, ``torchvision:<name>``, ``timm:<name>`` or
 ``arch_args`` (optional keyword arguments), ``num_classes``, ``weights`` (state_dict file,
 relative to the card), ``torchscript`` or ``onnx`` (a file), ``input`` (see :class:`InputSpec`), and
 optionally ``classes``, ``accuracy``, ``class_accuracy``, ``noise_values`` (the noise value's
-quantiles on labeled data: :func:`dfkd.select.estimate.noise_summary`). A TorchScript or ONNX file
+quantiles on labeled data: :func:`dfkd.select.estimate.noise_summary`) and ``mahalanobis`` (the
+same for the distance of the features to the classes, with the fit's ``file``:
+:mod:`dfkd.select.mahalanobis`). A TorchScript or ONNX file
 alone is accepted wherever a card is (its input from the file or flags), and so is a Hugging Face
 model folder (:mod:`dfkd.hf_model`: its input from its preprocessor config).
 
@@ -35,7 +37,7 @@ from .models import ARCHS
 
 TRUST_CODE = "DFKD_TRUST_CODE"  # "1": python:<module>:<callable> arches may be imported and called
 CARD_KEYS = {"arch", "arch_args", "num_classes", "weights", "torchscript", "onnx", "input", "classes",
-             "accuracy", "class_accuracy", "kind", "notes", "pu", "noise_values"}
+             "accuracy", "class_accuracy", "kind", "notes", "pu", "noise_values", "mahalanobis"}
 
 
 MAX_CLASSES = 100_000  # a larger num_classes is refused before a model is built (ImageNet-21k has 21,843)
@@ -52,6 +54,7 @@ class ModelCard:
     torchscript: Path | None = None
     onnx: Path | None = None  # an ONNX file, run by ONNX Runtime (dfkd/onnx_model.py)
     hf: Path | None = None  # a Hugging Face model folder (dfkd/hf_model.py); then ``weights`` is its safetensors
+    mahalanobis: Path | None = None  # the class Gaussians of its features (dfkd/select/mahalanobis.py)
     classes: list[str] | None = None
     accuracy: float | None = None
     class_accuracy: list[float] | None = None
@@ -82,7 +85,8 @@ class ModelCard:
 
         own = [self.path] if self.path.is_file() else []
         extra = folder_files(self.hf) if self.hf else []
-        return list(dict.fromkeys([*own, *(f for f in (self.weights, self.torchscript, self.onnx) if f), *extra]))
+        return list(dict.fromkeys([*own, *(f for f in (self.weights, self.torchscript, self.onnx, self.mahalanobis)
+                                           if f), *extra]))
 
 
 def input_record(card: ModelCard) -> dict:
@@ -170,7 +174,8 @@ def load_card(path: str | Path, input_overrides: dict | None = None) -> ModelCar
                      arch_args=dict(arch_args), classes=_classes(path, data.get("classes"), num_classes),
                      accuracy=_accuracy(path, "accuracy", data.get("accuracy")),
                      class_accuracy=_class_accuracy(path, data.get("class_accuracy"), num_classes),
-                     extra={k: data[k] for k in ("kind", "notes", "pu", "noise_values") if k in data})
+                     extra={k: data[k] for k in ("kind", "notes", "pu", "noise_values", "mahalanobis")
+                            if data.get(k) is not None})
     if isinstance(data.get("weights"), str) and data["weights"].lower() == "none":  # on purpose: untrained
         card.extra["untrained"] = True
     elif data.get("weights"):
@@ -182,6 +187,9 @@ def load_card(path: str | Path, input_overrides: dict | None = None) -> ModelCar
 
         card.onnx = _file(path, data["onnx"], "onnx")
         check_card(card)
+    if data.get("mahalanobis") is not None:
+        fit = data["mahalanobis"]
+        card.mahalanobis = _file(path, fit.get("file") if isinstance(fit, dict) else None, "mahalanobis")
     return card
 
 

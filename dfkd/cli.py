@@ -207,8 +207,8 @@ def select(
     num_images: Optional[str] = typer.Option(None, help="Select this many images (without it or --ratio:"
                                                         " every scored image, best first); auto: as many as"
                                                         " the pool holds in-distribution, estimated from the"
-                                                        " noise values (against the card's, if eval"
-                                                        " --write-card stored them)."),
+                                                        " teacher's features against the labeled data eval"
+                                                        " --write-card fitted (else from the noise values)."),
     ratio: Optional[float] = typer.Option(None, help="Select this share of the scored pool."),
     max_score: Optional[float] = typer.Option(None, "--max-score",
                                               help="Keep only images whose score (of any --score) is <= this."),
@@ -578,7 +578,9 @@ def eval_(
     model: Path = typer.Option(..., help="Model: a card, a TorchScript or ONNX file, or a Hugging Face model folder."),
     data: Path = typer.Option(..., help="Labeled images: ImageFolder directory or index with a label column."),
     out: Optional[Path] = typer.Option(None, help="Directory to write eval.json into."),
-    write_card: bool = typer.Option(False, "--write-card", help="Store accuracy and class_accuracy in the card."),
+    write_card: bool = typer.Option(False, "--write-card", help="Store accuracy, class_accuracy and the noise"
+                                    " values' quantiles in the card, and fit the features' Mahalanobis reference"
+                                    " beside it (what select --num-images auto compares a pool with)."),
     overwrite: bool = OVERWRITE,
     batch_size: int = typer.Option(256),
     workers: Optional[int] = WORKERS,
@@ -610,7 +612,11 @@ def eval_(
         summary.append(("top-5", result.top5))
     err.print(table(f"eval {model.name}", ["", "value"], summary))
     if write_card:
-        err.print(f"accuracy written to {card.path}")
+        fit = result.mahalanobis
+        err.print(f"accuracy and noise values written to {card.path}" + (
+            f"; Mahalanobis fit of the features ({fit['fitted']} images, {fit['images']} held out) to {fit['file']}"
+            if fit else "; no Mahalanobis fit (the model's features cannot be read), so select --num-images auto"
+            " will estimate from the noise values"))
     if not out:
         emit(json.dumps({"top1": result.top1, "top5": result.top5}))
 

@@ -1,5 +1,7 @@
 """``eval``: top-1/top-5, per-class accuracy and the confusion matrix of a model on labeled images,
-and the quantiles of its noise value there (what ``select --num-images auto`` compares a pool with)."""
+and the quantiles of its noise value there; with ``--write-card`` (and features that can be read)
+also the Mahalanobis fit of its features and its held-out distances' quantiles. Those are what
+``select --num-images auto`` compares a pool with."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -14,9 +16,11 @@ from .engine import stream
 from .errors import DfkdError
 from .images import open_labeled
 from .lifecycle import Command, Input, Run, card_inputs
+from .models.features import FeatureTap, classifier_layer, features_readable
 from .pool import data_digest
 from .runtime import setup
 from .select.estimate import noise_summary
+from .select.mahalanobis import ReferenceFit
 from .select.scores import noise_value
 from .teacher import card_digest, load_teacher
 
@@ -36,6 +40,7 @@ class EvalResult:
     input: dict  # how the model was fed and where that came from (dfkd.cards.input_record)
     model: str = ""  # the evaluated card's absolute path (report matches a student to its eval)
     noise_values: dict | None = None  # noise_summary(): the noise value's quantiles
+    mahalanobis: dict | None = None  # with write_card: the held-out distances' quantiles (dfkd.select.mahalanobis)
 
 
 def evaluate(card: CardLike, data: str | Path, out: str | Path | None = None, *, batch_size: int = 256,
@@ -43,7 +48,8 @@ def evaluate(card: CardLike, data: str | Path, out: str | Path | None = None, *,
              write_card: bool = False, on_progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Evaluate ``card`` (a card or its path) on an ImageFolder/index (folders matched to the
     card's ``classes``); with ``out``, write ``out/eval.json`` and the run's manifest; with
-    ``write_card``, store the accuracies in the card (:func:`write_accuracy_to_card`).
+    ``write_card``, store the accuracies in the card (:func:`write_accuracy_to_card`) and, when
+    the model's features can be read, fit the Mahalanobis reference of ``select --num-images auto``.
 
     Under torchrun the images are sharded over the ranks; every rank gets the result."""
     card = as_card(card, "card")
@@ -57,22 +63,30 @@ def evaluate(card: CardLike, data: str | Path, out: str | Path | None = None, *,
     if bad:
         raise DfkdError(f"--data {data}: label {bad[0]} is outside the model's {k} classes")
     teacher = load_teacher(card, rt.device)
+    tap = FeatureTap(teacher.model, str(card.path)) if write_card and features_readable(teacher.model) else None
+    dim = classifier_layer(teacher.model).in_features if tap else 0
 
-    def rows(logits: torch.Tensor, y: torch.Tensor, paths, errors) -> list[tuple]:
+    def with_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([model(x).float(), tap.value.float()], 1)
+
+    def rows(out: torch.Tensor, y: torch.Tensor, paths, errors) -> list[tuple]:
+        logits, features = out[:, :out.shape[1] - dim], out[:, out.shape[1] - dim:].numpy()
         if logits.shape[1] != k:
             raise DfkdError(f"{card.path}: model outputs {logits.shape[1]} classes, card says {k}")
         if not torch.isfinite(logits[torch.tensor([not e for e in errors], dtype=torch.bool)]).all():
             raise DfkdError(f"{card.path}: the model produced NaN/inf outputs")
         top5 = (logits.topk(min(5, k), dim=1).indices == y[:, None]).any(1).tolist()
         noise = noise_value(logits.float()).tolist()
-        return list(zip(logits.argmax(1).tolist(), top5, y.tolist(), noise, paths, errors))
+        return list(zip(logits.argmax(1).tolist(), top5, y.tolist(), noise, paths, errors, features))
 
     def body(run: Run) -> EvalResult:
         confusion = torch.zeros(k, k, dtype=torch.long)
         top5_hits, n, done, skipped, noise = 0, 0, 0, list(index.problems), []  # files the listing could not take
+        fit = ReferenceFit(k) if tap else None
         for got in stream(teacher.model, card.input, lambda: iter(index.rows), len(index), rows, rt,
-                          batch_size=batch_size):
-            for pred, hit, y, v, path, error in got:
+                          batch_size=batch_size, forward=with_features if tap else None):
+            good = [r for r in got if not r[5]]
+            for pred, hit, y, v, path, error, _ in got:
                 if error:
                     skipped.append({"path": path, "reason": error})
                     continue
@@ -80,6 +94,8 @@ def evaluate(card: CardLike, data: str | Path, out: str | Path | None = None, *,
                 noise.append(v)
                 top5_hits += hit
                 n += 1
+            if fit and good:
+                fit.add(np.stack([r[6] for r in good]), np.array([r[2] for r in good]))
             done += len(got)
             run.progress(done, len(index))
 
@@ -92,6 +108,10 @@ def evaluate(card: CardLike, data: str | Path, out: str | Path | None = None, *,
             r = EvalResult(n, skipped, int(confusion.diag().sum()) / n, top5_hits / n if k > 5 else None,
                            per_class, support.tolist(), confusion.tolist(), card.class_names,
                            input_record(card), str(card.path.resolve()), noise_summary(np.array(noise)))
+            reference = fit.finish() if fit else None
+            if reference:  # written beside the card, which then names it
+                gaussians, summary = reference
+                r.mahalanobis = {"file": gaussians.save(card.path.with_suffix(".mahalanobis.npz")).name, **summary}
             if out is not None:
                 run.write_json("eval.json", asdict(r))
                 run.manifest({"batch_size": batch_size, "workers": rt.workers, "device": str(rt.device), "amp": rt.amp},
@@ -109,11 +129,12 @@ def evaluate(card: CardLike, data: str | Path, out: str | Path | None = None, *,
 
 def write_accuracy_to_card(card: ModelCard, result: EvalResult) -> Path:
     """Store overall and per-class accuracy in the card (DFND's noise-adaptation matrix uses them)
-    and the noise value's quantiles (``select --num-images auto`` compares the pool with them)."""
+    and the noise value's and Mahalanobis distance's quantiles (``select --num-images auto``
+    compares the pool with them; the Mahalanobis fit's file is already beside the card)."""
     _yaml_card(card)
     per_class = [a if a is not None else result.top1 for a in result.class_accuracy]
     return update_card(card.path, accuracy=round(result.top1, 6), class_accuracy=[round(a, 6) for a in per_class],
-                       noise_values=result.noise_values)
+                       noise_values=result.noise_values, mahalanobis=result.mahalanobis)
 
 
 def _yaml_card(card: ModelCard) -> None:

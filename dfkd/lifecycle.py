@@ -55,7 +55,7 @@ def card_inputs(flag: str, cards: Sequence[ModelCard], name: str = "teacher") ->
     out = []
     for i, c in enumerate(cards):
         key = f"{name}{i if numbered else ''}"
-        kinds = {c.weights: "weights", c.torchscript: "torchscript", c.onnx: "onnx"}
+        kinds = {c.weights: "weights", c.torchscript: "torchscript", c.onnx: "onnx", c.mahalanobis: "mahalanobis"}
         out.append(Input(key, flag, c.path))
         out += [Input(f"{key}_{kinds.get(f) or f.name}", flag, f) for f in c.files if f != c.path]
     return out

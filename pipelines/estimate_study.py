@@ -6,8 +6,10 @@
 SELECT_RUN is a `dfkd select` run on the whole demo pool (its scores.tsv is read again, nothing is
 re-scored). Writes OUT_DIR/pool-{demo,02,40}.tsv (the demo pool and subsets with 2 % and 40 %
 Fashion-MNIST, seed 0) for `dfkd pu-train --prior auto`, and prints one JSON line per pool: the
-true in-distribution count and share, and `select --num-images auto`'s estimate by both methods
-(card: against the card's noise_values; mixture: without them). Only for the demo data.
+true in-distribution count and share, and `select --num-images auto`'s estimate by every method
+the card allows (mahalanobis: the scores' distance column against the card's mahalanobis, which
+`dfkd eval --write-card` writes; card: the noise values against its noise_values; mixture:
+without either). Only for the demo data.
 """
 import json
 import os
@@ -36,11 +38,14 @@ def main(select_run, truth_path, card_path, out):
     for name, rows in pools.items():
         with open(os.path.join(out, f"pool-{name}.tsv"), "w", encoding="utf-8") as f:
             f.write("path\n" + "".join(scored[i]["path"] + "\n" for i in rows))
-        pairs = [(int(scored[i]["label"]), float(scored[i]["score"])) for i in rows]
         line = {"pool": name, "images": len(rows), "true_count": int(is_in[rows].sum()),
                 "true_share": round(float(is_in[rows].mean()), 4)}
-        for method, ref in (("card", card.extra.get("noise_values")), ("mixture", None)):
-            e = estimate_in_distribution(iter(pairs), card.num_classes, ref, str(card_path))
+        methods = [("card", "score", "noise value", card.extra.get("noise_values")), ("mixture", "score", "", None)]
+        if "distance" in scored[0] and card.extra.get("mahalanobis"):
+            methods.insert(0, ("mahalanobis", "distance", "Mahalanobis distance", card.extra["mahalanobis"]))
+        for method, column, measure, ref in methods:
+            pairs = [(int(scored[i]["label"]), float(scored[i][column])) for i in rows]
+            e = estimate_in_distribution(iter(pairs), card.num_classes, ref, str(card_path), measure or "noise value")
             line[method] = {"count": e.count, "share": round(e.share, 4), "range": [e.low, e.high]}
         print(json.dumps(line))
 

@@ -12,10 +12,12 @@ from ..errors import DfkdError
 
 
 def features_readable(model: nn.Module) -> bool:
-    """Whether the penultimate features of ``model`` can be tapped (not TorchScript, not ONNX)."""
+    """Whether the penultimate features of ``model`` can be tapped (not TorchScript, not ONNX,
+    and a final linear layer to tap)."""
     from ..onnx_model import LogitsOnly
 
-    return not isinstance(model, (torch.jit.ScriptModule, LogitsOnly))
+    return not isinstance(model, (torch.jit.ScriptModule, LogitsOnly)) \
+        and any(isinstance(m, nn.Linear) for m in model.modules())
 
 
 def classifier_layer(model: nn.Module, what: str = "model") -> nn.Linear:

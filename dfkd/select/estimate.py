@@ -1,15 +1,21 @@
 """``select --num-images auto``: how many pool images the teacher treats as in-distribution.
 
-Read from the pool's noise values V(x) in one streaming pass (O(classes × bins) memory), per
-predicted class and in all, by one of two estimators:
+Read from the pool's scored rows in one streaming pass (O(classes × bins) memory), per predicted
+class and in all, by the first of three estimators the teacher card allows:
 
-* ``card`` — the teacher card holds V's quantiles on labeled data (``eval --write-card``): that
-  is the in-distribution component, known, and the pool's share drawn from it is a mixture
-  proportion, estimated by Best Bin Estimation (dfkd/mixture.py) with the stored quantiles as
-  the bins. A class's count is its pool images in the chosen bin over the bin's level (as if
-  every class's V were distributed as all classes' together). Range: the estimate -/+ BBE's
-  concentration term.
-* ``mixture`` — without them: a two-component Gaussian mixture of log V over the pool (EM on a
+* ``mahalanobis`` — the card holds the quantiles, on held-out labeled images, of the Mahalanobis
+  distance of the teacher's features to its classes (dfkd/select/mahalanobis.py; ``eval
+  --write-card`` writes them and the fit for a teacher whose features can be read). The labeled
+  images are the in-distribution component, known, and the pool's share drawn from it is a
+  mixture proportion, estimated by Best Bin Estimation (dfkd/mixture.py) with the stored
+  quantiles as the bins. A class's count is its pool images in the chosen bin over the bin's
+  level (as if every class's distances were distributed as all classes' together). Range: the
+  estimate -/+ BBE's concentration term.
+* ``card`` — the same against the quantiles of the noise value V on the labeled images (the
+  card's ``noise_values``): for an ONNX or TorchScript teacher, whose features cannot be read, or
+  an ensemble. Foreign images the teacher is sure of score like the originals, so this is an
+  upper bound (the README's Results).
+* ``mixture`` — with neither: a two-component Gaussian mixture of log V over the pool (EM on a
   histogram; Dempster, Laird & Rubin 1977), the component of smaller mean taken as
   in-distribution; a class's count is the sum of its images' posteriors. Range: the images whose
   posterior is at least 0.9 .. at least 0.1.
@@ -64,11 +70,14 @@ class InDistribution:
 
 
 def estimate_in_distribution(rows: Iterable[tuple[int, float]], num_classes: int,
-                             reference: dict | None = None, source: str = "the teacher card") -> InDistribution:
-    """The in-distribution count of the pool's (predicted class, noise value) ``rows``: by BBE
-    against ``reference`` (a card's ``noise_values``) when given, else by the two-component mixture."""
+                             reference: dict | None = None, source: str = "the teacher card",
+                             measure: str = "noise value") -> InDistribution:
+    """The in-distribution count of the pool's (predicted class, value) ``rows``: by BBE against
+    ``reference`` (the quantiles of the same ``measure`` on labeled data: a card's ``noise_values``,
+    or its ``mahalanobis`` with the rows' distances) when given, else by the two-component mixture
+    of the noise values."""
     if reference is not None:
-        _check_reference(reference, source)
+        _check_reference(reference, source, "noise_values" if measure == "noise value" else "mahalanobis")
     n = np.zeros(num_classes, dtype=np.int64)
     below = np.zeros((num_classes, len(LEVELS)), dtype=np.int64)  # pool images with V <= each quantile
     hist = np.zeros((num_classes, BINS), dtype=np.int64)
@@ -87,10 +96,10 @@ def estimate_in_distribution(rows: Iterable[tuple[int, float]], num_classes: int
     if total == 0:
         raise DfkdError(f"{FLAG}: the pool has no scored image to estimate from")
     if hi - lo <= 0:
-        raise DfkdError(f"{FLAG}: every pool image has the same noise value ({lo:.4g}), so nothing tells"
+        raise DfkdError(f"{FLAG}: every pool image has the same {measure} ({lo:.4g}), so nothing tells"
                         " in-distribution images from the others; give --num-images N")
     if thresholds is not None:
-        return _by_card(n, below, reference, source)
+        return _by_card(n, below, reference, source, measure)
     if (hist.sum(0) > 0).sum() < 2:  # one histogram bin: EM has no second component to find
         raise DfkdError(f"{FLAG}: every pool image has nearly the same noise value ({lo:.4g}..{hi:.4g}), so nothing"
                         " tells in-distribution images from the others; give --num-images N")
@@ -113,22 +122,23 @@ def _arrays(buf: list[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(labels, dtype=np.int64), np.maximum(np.asarray(values, dtype=np.float64), 0.0)
 
 
-def _check_reference(ref: dict, source: str) -> None:
+def _check_reference(ref: dict, source: str, key: str) -> None:
     ok = isinstance(ref, dict) and list(ref.get("levels") or []) == list(LEVELS) \
         and isinstance(ref.get("quantiles"), list) and len(ref["quantiles"]) == len(LEVELS) \
         and isinstance(ref.get("images"), int) and ref["images"] > 0
     if not ok:
-        raise DfkdError(f"{source}: noise_values is not what dfkd eval --write-card writes; write it again")
+        raise DfkdError(f"{source}: {key} is not what dfkd eval --write-card writes; write it again")
 
 
-def _by_card(n: np.ndarray, below: np.ndarray, ref: dict, source: str) -> InDistribution:
+def _by_card(n: np.ndarray, below: np.ndarray, ref: dict, source: str, measure: str) -> InDistribution:
     total = int(n.sum())
     est = best_bin_estimate(np.array(LEVELS), below.sum(0) / total, int(ref["images"]), total)
     counts = np.minimum(np.round(below[:, est.bin] / est.component_share), n).astype(np.int64)
     count = int(counts.sum())  # = alpha · total, but for rounding
     return InDistribution(count, min(count, math.floor(est.low * total)), max(count, math.ceil(est.high * total)),
-                          total, "card", counts.tolist(), f"best bin estimation against the noise values of"
-                          f" {ref['images']} labeled images in {source} (bin: the {est.component_share:g} quantile)")
+                          total, "card" if measure == "noise value" else "mahalanobis", counts.tolist(),
+                          f"best bin estimation against the {measure}s of {ref['images']} labeled images in"
+                          f" {source} (bin: the {est.component_share:g} quantile)")
 
 
 def _edges(num_classes: int) -> tuple[float, float]:

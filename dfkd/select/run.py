@@ -6,7 +6,9 @@ with the same inputs continues where it stopped and ends with the same files. Se
 reads the rows back in one streaming pass, keeping only the rows the policy could still
 choose: memory is O(selected + batch), not O(pool). Each scored row also keeps its image's
 near-duplicate thumbnail (computed from the batch the teacher was given), so dropping
-duplicates later needs only the candidates' bytes, not a second decode. ``shard=(i, n)`` scores the i-th of n
+duplicates later needs only the candidates' bytes, not a second decode, and, when the teacher's
+card holds a Mahalanobis fit (``eval --write-card``), its features' distance to the classes
+(what ``--num-images auto`` estimates from). ``shard=(i, n)`` scores the i-th of n
 slices of the pool (cluster jobs without torchrun); :func:`merge_shards` selects from the
 union of the slices, with the same result as one run.
 """
@@ -26,6 +28,7 @@ from ..engine import RowFile, Segment, score_run
 from ..errors import DfkdError
 from ..index import open_index
 from ..lifecycle import Command, Input, Run, card_inputs
+from ..models.features import FeatureTap, features_readable
 from ..pool import Listing
 from ..runtime import Runtime, setup
 from ..teacher import Teacher, load_teacher
@@ -33,13 +36,26 @@ from .candidates import (SLACK, THUMB, Look, check_dedup, digests_of, drop_dupli
                          thumb_text, thumbnail)
 from .dedup import NEAR_DUPLICATE_COSINE
 from .estimate import InDistribution, estimate_in_distribution
+from .mahalanobis import ClassGaussians
 from .policies import POLICIES, StreamingChoice
 from .scores import SCORERS
 
 # label, score, confidence, reason ("" = scored), thumbnail (candidates.thumb_text; "" when not scored;
-# absent in rows written before 0.3)
-ROW_TYPES = (int, float, float, str, str)
+# absent in rows written before 0.3), the Mahalanobis distance (only with a card's fit)
+ROW_TYPES = (int, float, float, str, str, float)
 THUMB_KEY = "\tthumb"  # a scored row's thumbnail text, under a key no index column can have (a tab)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What ``--num-images auto`` compares the pool with: the quantiles of ``measure`` on labeled
+    data from the card at ``source`` (None: the mixture), and the Mahalanobis fit whose distances
+    the scoring adds to each row (when ``measure`` is that distance)."""
+
+    quantiles: dict | None
+    source: str
+    measure: str = "noise value"
+    gaussians: ClassGaussians | None = None
 
 
 @dataclass
@@ -132,36 +148,45 @@ class SelectConfig:
 SELECT = Command("select", ("scores.tsv", "selected.tsv", "skipped.tsv", "duplicates.tsv"), SelectConfig)
 
 
-def _score_rows(teacher: Teacher, score: str, seed: int):
-    scorer, k = SCORERS.get(score), teacher.card.num_classes
+def _score_rows(teacher: Teacher, score: str, seed: int, distance: bool):
+    scorer, k, extra = SCORERS.get(score), teacher.card.num_classes, THUMB * THUMB + distance
+    nan = float("nan")
 
     def rows(out: torch.Tensor, labels, paths: list[str], errors: list[str]) -> list[tuple]:
-        logits, thumbs = out[:, :-THUMB * THUMB], out[:, -THUMB * THUMB:]
+        logits, thumbs, dist = out[:, :-extra], out[:, -THUMB * THUMB:], out[:, -extra].tolist()
         if logits.shape[1] != k:
             raise DfkdError(f"{teacher.card.path}: model outputs {logits.shape[1]} classes, card says {k}")
         conf, label = torch.softmax(logits, 1).max(1)
         values = scorer(logits, paths, seed)
         finite = torch.isfinite(logits).all(1)
-        return [(-1, float("nan"), float("nan"), e or "teacher output is not finite (NaN/inf)", "")
-                if e or not ok else (y, v, c, "", thumb_text(t))
-                for y, v, c, ok, e, t in zip(label.tolist(), values.tolist(), conf.tolist(), finite.tolist(), errors,
-                                             thumbs)]
+        return [(-1, nan, nan, e or "teacher output is not finite (NaN/inf)", "", *[nan] * distance)
+                if e or not ok else (y, v, c, "", thumb_text(t), *[d] * distance)
+                for y, v, c, ok, e, t, d in zip(label.tolist(), values.tolist(), conf.tolist(), finite.tolist(),
+                                                errors, thumbs, dist)]
     return rows
 
 
-def _logits_and_thumbnails(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The teacher's logits and, in the last THUMB² columns, the images' thumbnails."""
-    return torch.cat([model(x).float(), thumbnail(x)], 1)
+def _scoring_forward(teacher: Teacher, gaussians: ClassGaussians | None):
+    """The teacher's logits, then (with a fit) each image's Mahalanobis distance, and in the
+    last THUMB² columns the images' thumbnails."""
+    tap = FeatureTap(teacher.model, str(teacher.card.path)) if gaussians else None
+
+    def forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        logits = model(x).float()
+        distance = [gaussians.distance(tap.value.float()).float()[:, None]] if tap else []
+        return torch.cat([logits, *distance, thumbnail(x)], 1)
+    return forward
 
 
 def score_pool(teacher: Teacher, pool: str | Path, run: Run, *, score: str, seed: int, batch_size: int,
-               shard: tuple[int, int] | None = None) -> Segment:
+               shard: tuple[int, int] | None = None, reference: Reference | None = None) -> Segment:
     """List and score the pool (or one shard of it) into ``run``, resuming."""
     identity = {"teacher": teacher.identity(), "score": score, "seed": seed if score == "random" else None}
+    gaussians = reference.gaussians if reference else None
     return score_run(run, pool, "--pool", identity, teacher.model, teacher.card.input,
-                     _score_rows(teacher, score, seed), ROW_TYPES, batch_size=batch_size, shard=shard,
-                     forward=_logits_and_thumbnails,
-                     info={"teachers": [str(c.path.resolve()) for c in teacher.cards]})
+                     _score_rows(teacher, score, seed, gaussians is not None), ROW_TYPES, batch_size=batch_size,
+                     shard=shard, forward=_scoring_forward(teacher, gaussians),
+                     info={"teachers": [str(c.path.resolve()) for c in teacher.cards], "distance": bool(gaussians)})
 
 
 def select_pool(teachers: CardLike | Sequence[CardLike], pool: str | Path, out: str | Path,
@@ -190,12 +215,13 @@ def select_pool(teachers: CardLike | Sequence[CardLike], pool: str | Path, out: 
 
     def body(run: Run) -> SelectResult:
         teacher = load_teacher(cards, rt.device)
+        reference = _reference(cards, features_readable(teacher.model))
         segment = score_pool(teacher, pool, run, score=cfg.score, seed=cfg.seed, batch_size=cfg.batch_size,
-                             shard=shard)
+                             shard=shard, reference=reference)
         options = dict(**budget.options(), score=cfg.score, seed=cfg.seed, batch_size=cfg.batch_size,
                        shard=list(shard) if shard else None, **rt.options())
         return run.on_main(lambda: finish(run, [segment], teacher.card, budget if shard is None else None, options,
-                                          _reader(teacher, rt, cfg.batch_size), _reference(cards)))
+                                          _reader(teacher, rt, cfg.batch_size), reference))
 
     return SELECT.execute(out, rt, [*card_inputs("--teacher", cards), Input("pool", "--pool", pool)], body,
                           overwrite=overwrite, on_progress=on_progress)
@@ -251,7 +277,7 @@ def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path,
 
     def body(run: Run) -> SelectResult:
         return run.on_main(lambda: finish(run, segments, cards[0], budget, options, Reader(read, str(rt.device)),
-                                          _reference(cards)))
+                                          _reference(cards, all(m.get("distance") for m, _ in shards), False)))
 
     inputs = [*(Input(f"merge{i}", "--merge", d) for i, (_, d) in enumerate(shards)), *card_inputs("--teacher", cards)]
     return SELECT.execute(out, rt, inputs, body, identity={"merge": [m["identity"] for m, _ in shards]},
@@ -268,10 +294,17 @@ def _check_auto(budget: Budget, score: str) -> None:
         raise DfkdError(f"--num-images auto: estimates from the noise value; drop --score {score} or give a number")
 
 
-def _reference(cards: Sequence[ModelCard]) -> tuple[dict | None, str]:
-    """The noise-value quantiles ``eval --write-card`` stored in a single teacher's card (an
-    ensemble's averaged softmax has none), and the card's path for messages."""
-    return (cards[0].extra.get("noise_values") if len(cards) == 1 else None), str(cards[0].path)
+def _reference(cards: Sequence[ModelCard], distances: bool, load: bool = True) -> Reference:
+    """What ``eval --write-card`` stored in a single teacher's card (an ensemble's averaged
+    softmax has none): its Mahalanobis fit when ``distances`` can be had (the teacher's features
+    can be read, or a merge's shards scored them; loaded if ``load``), else its noise-value quantiles."""
+    card, source = cards[0], str(cards[0].path)
+    if len(cards) != 1:
+        return Reference(None, source)
+    if distances and card.mahalanobis:
+        fit = ClassGaussians.load(card.mahalanobis, card.num_classes, source) if load else None
+        return Reference(card.extra["mahalanobis"], source, "Mahalanobis distance", fit)
+    return Reference(card.extra.get("noise_values"), source)
 
 
 def _is_shard(d: Path) -> bool:
@@ -279,7 +312,7 @@ def _is_shard(d: Path) -> bool:
 
 
 def finish(run: Run, segments: list[Segment], card: ModelCard, budget: Budget | None, options: dict,
-           reader: Reader | None = None, reference: tuple[dict | None, str] = (None, "")) -> SelectResult:
+           reader: Reader | None = None, reference: Reference | None = None) -> SelectResult:
     """Write scores.tsv, skipped.tsv and (with a ``budget``; a shard has none) selected.tsv from
     the scored rows, streaming: the pool's scores are held as float32 (4 bytes an image), rows
     only if chosen. When duplicates are dropped or the policy needs features, the candidates are
@@ -295,9 +328,12 @@ def finish(run: Run, segments: list[Segment], card: ModelCard, budget: Budget | 
     select = budget is not None
     budget = budget or Budget()
     estimate = None
+    reference = reference or Reference(None, str(card.path))
+    distances = reference.measure != "noise value"
     if budget.num == "auto":
-        estimate = estimate_in_distribution(((r[0], r[1]) for s in segments for r in s.rows if not r[3]),
-                                            card.num_classes, *reference)
+        column = 5 if distances else 1
+        estimate = estimate_in_distribution(((r[0], r[column]) for s in segments for r in s.rows if not r[3]),
+                                            card.num_classes, reference.quantiles, reference.source, reference.measure)
         if estimate.count < 1:
             raise DfkdError(f"--num-images auto: no pool image looks in-distribution to the teacher"
                             f" ({estimate.method} estimate 0 of {estimate.scored}); give --num-images N")
@@ -307,16 +343,17 @@ def finish(run: Run, segments: list[Segment], card: ModelCard, budget: Budget | 
     second_look = select and (budget.dedup != "off" or policy.needs_features)
     choice = StreamingChoice(policy, k * SLACK if second_look and k is not None else k, card.num_classes)
     skipped = list(segments[0].listing.problems)
-    extra_cols = [c for c in segments[0].listing.columns if c not in ("path", "label", "score", "confidence")]
-    columns = ["path", "label", "score", "confidence", *extra_cols]
+    own = ["path", "label", "score", "confidence", *(["distance"] if distances else [])]
+    columns = [*own, *(c for c in segments[0].listing.columns if c not in own)]
 
     def scored() -> Iterator[dict]:
         for s in segments:
-            for row, (label, value, conf, reason, *thumb) in s:
+            for row, (label, value, conf, reason, *rest) in s:
                 if reason:
                     skipped.append({"path": row["path"], "reason": reason})
                     continue
-                row = {**row, "label": label, "score": value, "confidence": conf, THUMB_KEY: thumb[0] if thumb else ""}
+                row = {**row, "label": label, "score": value, "confidence": conf, THUMB_KEY: rest[0] if rest else "",
+                       **({"distance": rest[1]} if distances else {})}
                 yield row
                 if max_score is None or value <= max_score:
                     choice.push(value, label, row)
