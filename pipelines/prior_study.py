@@ -3,7 +3,8 @@
 
     python pipelines/prior_study.py TEACHER_CARD POSITIVES POOLS_DIR DATA/wild_truth.tsv
 
-POOLS_DIR holds pool-{demo,02,40}.tsv (pipelines/estimate_study.py writes them). The features
+POOLS_DIR holds pool-NAME.tsv files (pipelines/estimate_study.py writes pool-{demo,02,40}.tsv; an
+index of the larger pool's images is another), their images all in wild_truth.tsv. The features
 are exactly those ``pu-train --prior auto`` estimates from (the PU model's pooled multi-scale
 features, the teacher's weights), computed by pu_train itself and cached in
 POOLS_DIR/features-NAME.pt. One JSON line per pool: the truth (never shown to the estimators) and
@@ -79,7 +80,8 @@ ESTIMATORS = {"auto": lambda pos, unl: P.estimate_prior(pos, unl).prior,  # what
 def main(teacher, positives, pools, truth_path):
     truth = {r["path"]: r["source"] == "fashion" for r in read(truth_path)}
     card = load_card(teacher)
-    for name in ("demo", "02", "40"):
+    for name in sorted(f[len("pool-"):-len(".tsv")] for f in os.listdir(pools)
+                       if f.startswith("pool-") and f.endswith(".tsv")):
         tsv = os.path.join(pools, f"pool-{name}.tsv")
         rows = [r["path"] for r in read(tsv)]
         pos, unl = features(card, positives, tsv, os.path.join(pools, f"features-{name}.pt"))
