@@ -4,7 +4,8 @@
 #   held-out Fashion-MNIST (21 %) with clip-art, font glyphs and handwritten digits.
 # Re-runnable: finished steps are kept, interrupted ones resume.
 # Settings: DATA (default data/demo), RUNS (default runs/demo), TEACHER_ARCH (resnet20),
-# TEACHER_EPOCHS (12), and those of pipelines/dfnd.sh (NUM, STUDENT, EPOCHS, ...).
+# TEACHER_EPOCHS (12), and those of pipelines/dfnd.sh (NUM, STUDENT, EPOCHS, ...). NUM is pinned to 2000
+# here (dfnd.sh's default is auto) so that the figures stay those of the README; NUM=auto make demo estimates it.
 # Precision: fp32 on every device (--no-amp), so that the figures are the README's on any CPU (a CPU
 # with native bf16 would otherwise train under bf16 autocast); DFKD_DEMO_AMP=1 keeps each command's
 # default (bf16 on CUDA and on CPUs with AVX512-BF16 or AMX).
@@ -25,7 +26,7 @@ teacher="$RUNS/teacher/model.yaml"
 [ -f "$RUNS/teacher/eval/eval.json" ] || \
   dfkd eval --model "$teacher" --data "$DATA/test" --write-card --out "$RUNS/teacher/eval" $amp >/dev/null
 
-EPOCHS=${EPOCHS:-20} SELECT_ARGS="$amp ${SELECT_ARGS:-}" DISTILL_ARGS="$amp ${DISTILL_ARGS:-}" pipelines/dfnd.sh "$teacher" "$DATA/wild" "$RUNS/dfnd" "$DATA/test" >/dev/null
+NUM=${NUM:-2000} EPOCHS=${EPOCHS:-20} SELECT_ARGS="$amp ${SELECT_ARGS:-}" DISTILL_ARGS="$amp ${DISTILL_ARGS:-}" pipelines/dfnd.sh "$teacher" "$DATA/wild" "$RUNS/dfnd" "$DATA/test" >/dev/null
 dfkd report "$RUNS/dfnd" >/dev/null  # one page: select, distill, eval
 
 python - "$RUNS" "$DATA" "$start" <<'PY'

@@ -2,11 +2,13 @@
 # DFND ("Learning Student Networks in the Wild", CVPR 2021): select -> distill (noisy) -> eval.
 #
 #   pipelines/dfnd.sh TEACHER_CARD[,TEACHER_CARD...] POOL OUT [TEST_DIR]
-#   NUM=auto pipelines/dfnd.sh ...   (no budget to guess: the estimated in-distribution count)
+#   NUM=2000 pipelines/dfnd.sh ...   (a budget of your own instead of the estimated one)
 #
 # Several comma-separated teacher cards make an ensemble (MEAL V2's averaged softmax).
-# Environment: NUM (images to select, default 2000; auto: the pool's in-distribution count, estimated
-# from the noise values), STUDENT (arch or card, default resnet8),
+# Environment: NUM (images to select; default auto: the pool's in-distribution count, estimated from the
+# teacher's features against the labeled data `dfkd eval --write-card` fitted into its card, else from the
+# noise values, which overestimate: README "Knobs a data-free user cannot know"), STUDENT (arch or card,
+# default resnet8),
 # CONFIG (distill YAML, default pipelines/configs/dfnd-default.yaml; its select: section, if it has
 # one, is select's config too), EPOCHS or STEPS (override the
 # config), SEED (default 0), SELECT_ARGS / DISTILL_ARGS (extra flags, e.g. "--global").
@@ -16,13 +18,13 @@
 # differs: use another OUT, or add --overwrite to that step's *_ARGS.
 # stdout: the student card's path.
 set -euo pipefail
-[ $# -ge 3 ] || { sed -n '2,17p' "$0" >&2; exit 2; }
+[ $# -ge 3 ] || { sed -n '2,19p' "$0" >&2; exit 2; }
 pool=$2 out=$3 test=${4:-}
 teachers=()
 IFS=, read -ra cards <<< "$1"
 for c in "${cards[@]}"; do teachers+=(--teacher "$c"); done
 here=$(cd "$(dirname "$0")" && pwd)
-NUM=${NUM:-2000} STUDENT=${STUDENT:-resnet8} SEED=${SEED:-0}
+NUM=${NUM:-auto} STUDENT=${STUDENT:-resnet8} SEED=${SEED:-0}
 CONFIG=${CONFIG:-$here/configs/dfnd-default.yaml}
 
 select_config=()

@@ -236,7 +236,7 @@ def test_report_shows_the_auto_estimate_and_its_cut(tmp_path, digits_folders, di
 
 @pytest.mark.slow
 def test_pipelines_run_without_a_number_to_guess(tmp_path, digits_folders, digits_teacher):
-    """NUM=auto pipelines/dfnd.sh and PRIOR=auto pipelines/pu.sh, end to end on the digits pool."""
+    """pipelines/dfnd.sh (NUM's default: auto) and PRIOR=auto pipelines/pu.sh, end to end on the digits pool."""
     import os
     import subprocess
     import sys
@@ -248,7 +248,7 @@ def test_pipelines_run_without_a_number_to_guess(tmp_path, digits_folders, digit
            "SELECT_ARGS": "--workers 0 --dedup off", "DISTILL_ARGS": "--workers 0 --batch-size 16"}
     pool = wild_pool(tmp_path / "pool", test)
     out = subprocess.run(["bash", str(root / "pipelines/dfnd.sh"), str(digits_teacher), str(pool), str(tmp_path / "dfnd")],
-                         env={**env, "NUM": "auto"}, capture_output=True, text=True)
+                         env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads((tmp_path / "dfnd" / "select" / "manifest.json").read_text())["summary"]
     assert summary["selected"] == summary["in_distribution"]["count"] > 0 and Path(out.stdout.strip()).is_file()

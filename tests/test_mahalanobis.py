@@ -137,6 +137,10 @@ def test_write_card_fits_and_select_auto_estimates_from_the_distances(tmp_path, 
     manifest = json.loads(res.files["manifest"].read_text())
     assert manifest["summary"]["in_distribution"]["method"] == "mahalanobis"
     assert "teacher0_mahalanobis" in manifest["inputs"]
+    # the distances do not depend on the score, so auto takes any score then
+    entropy = select_pool(card, pool, tmp_path / "entropy", num_images="auto", score="entropy", dedup="off",
+                          workers=0, device="cpu")
+    assert entropy.estimate == e and entropy.selected == e.count
     # two shards merged give the same estimate as one run
     for i in range(2):
         select_pool(card, pool, tmp_path / f"shard{i}", shard=(i, 2), workers=0, device="cpu")

@@ -205,12 +205,12 @@ def select_pool(teachers: CardLike | Sequence[CardLike], pool: str | Path, out: 
     count (:mod:`dfkd.select.estimate`)."""
     cfg = resolve(SelectConfig, config, flags=settings, command="select", api=True)
     budget = cfg.budget()
-    _check_auto(budget, cfg.score)
     if cfg.score not in SCORERS:
         raise DfkdError(f"--score {cfg.score!r}: expected one of {', '.join(SCORERS.keys())}")
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise DfkdError(f"--shard {shard[0]}/{shard[1]}: expected I/N with 0 <= I < N")
     cards = as_cards(teachers, "teachers")
+    _check_auto(budget, cfg.score, len(cards) == 1 and cards[0].mahalanobis is not None)
     rt = setup(device, amp, workers)
 
     def body(run: Run) -> SelectResult:
@@ -249,7 +249,7 @@ def merge_shards(shard_dirs: Sequence[str | Path], out: str | Path,
     for meta, d in shards:
         if {k: v for k, v in meta["identity"].items() if k != "shard"} != same:
             raise DfkdError(f"--merge {d}: scored another pool, teacher or score than {shards[0][1]}")
-    _check_auto(budget, same["score"])
+    _check_auto(budget, same["score"], all(m.get("distance") for m, _ in shards))
     found = [m["shard"][0] for m, _ in shards]
     if found != list(range(n)) or any(m["shard"][1] != n for m, _ in shards):
         missing = sorted(set(range(n)) - set(found))
@@ -289,9 +289,11 @@ def _reader(teacher: Teacher, rt: Runtime, batch_size: int) -> Reader:
                   str(rt.device))
 
 
-def _check_auto(budget: Budget, score: str) -> None:
-    if budget.num == "auto" and score != "noise":
-        raise DfkdError(f"--num-images auto: estimates from the noise value; drop --score {score} or give a number")
+def _check_auto(budget: Budget, score: str, distances: bool) -> None:
+    """Without the distances of a card's Mahalanobis fit, auto estimates from the noise value."""
+    if budget.num == "auto" and score != "noise" and not distances:
+        raise DfkdError(f"--num-images auto: estimates from the noise value, as the teacher card has no Mahalanobis"
+                        f" fit (dfkd eval --write-card); drop --score {score} or give a number")
 
 
 def _reference(cards: Sequence[ModelCard], distances: bool, load: bool = True) -> Reference:
