@@ -189,7 +189,10 @@ def load_card(path: str | Path, input_overrides: dict | None = None) -> ModelCar
         check_card(card)
     if data.get("mahalanobis") is not None:
         fit = data["mahalanobis"]
-        card.mahalanobis = _file(path, fit.get("file") if isinstance(fit, dict) else None, "mahalanobis")
+        if not isinstance(fit, dict) or not isinstance(fit.get("file"), str):
+            raise DfkdError(f"{path}: mahalanobis: {shown(fit)} is not what dfkd eval --write-card writes (a mapping"
+                            " with the fit's file); write it again")
+        card.mahalanobis = _file(path, fit["file"], "mahalanobis")
     return card
 
 

@@ -277,6 +277,8 @@ BAD_FIELDS = [  # issue 25 case 9: each ends with one line naming the card and t
     ("arch: resnet8\nclasses: {a: 1}\n", "classes: expected a list"),
     ("arch: resnet8\naccuracy: high\n", "accuracy: 'high' is not an accuracy"),
     ("arch: resnet8\nweights: [a.pt]\n", "weights: ['a.pt'] is not a file name"),
+    ("arch: resnet8\nmahalanobis: 5\n", "mahalanobis: 5 is not what dfkd eval --write-card writes"),
+    ("arch: resnet8\nmahalanobis: {file: gone.npz}\n", "mahalanobis file"),
 ]
 
 
