@@ -9,7 +9,8 @@ Fashion-MNIST, seed 0) for `dfkd pu-train --prior auto`, and prints one JSON lin
 true in-distribution count and share, and `select --num-images auto`'s estimate by every method
 the card allows (mahalanobis: the scores' distance column against the card's mahalanobis, which
 `dfkd eval --write-card` writes; card: the noise values against its noise_values; mixture:
-without either). Only for the demo data.
+without either). OUT_DIR "-": the whole pool only, nothing written (the larger pool). Only for
+the demo data.
 """
 import json
 import os
@@ -31,13 +32,14 @@ def main(select_run, truth_path, card_path, out):
     rng = np.random.default_rng(0)
     is_in = np.array([truth[r["path"]] for r in scored])
     inside, outside = np.flatnonzero(is_in), np.flatnonzero(~is_in)
-    pools = {"demo": np.arange(len(scored)),
+    pools = {"whole": np.arange(len(scored))} if out == "-" else {"demo": np.arange(len(scored)),
              "02": np.sort(np.r_[rng.choice(inside, round(0.02 / 0.98 * len(outside)), replace=False), outside]),
              "40": np.sort(np.r_[inside, rng.choice(outside, round(0.6 / 0.4 * len(inside)), replace=False)])}
-    os.makedirs(out, exist_ok=True)
     for name, rows in pools.items():
-        with open(os.path.join(out, f"pool-{name}.tsv"), "w", encoding="utf-8") as f:
-            f.write("path\n" + "".join(scored[i]["path"] + "\n" for i in rows))
+        if out != "-":
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, f"pool-{name}.tsv"), "w", encoding="utf-8") as f:
+                f.write("path\n" + "".join(scored[i]["path"] + "\n" for i in rows))
         line = {"pool": name, "images": len(rows), "true_count": int(is_in[rows].sum()),
                 "true_share": round(float(is_in[rows].mean()), 4)}
         methods = [("card", "score", "noise value", card.extra.get("noise_values")), ("mixture", "score", "", None)]

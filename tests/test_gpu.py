@@ -26,3 +26,21 @@ def test_distill_on_cuda_with_autocast_learns(tmp_path, digits_folders, digits_t
     cfg = {**default_config(), "method": "noisy", "epochs": 6, "batch_size": 64, "lr": 0.05, "amp": True}
     r = distill(card, "resnet8", [str(train)], tmp_path / "s", cfg, device="cuda", workers=2)
     assert evaluate(load_card(r.card), test, device="cuda").top1 > 0.5
+
+
+@pytest.mark.slow
+def test_write_card_and_select_auto_on_cuda_match_cpu(tmp_path, digits_folders, digits_teacher):
+    """The Mahalanobis fit of eval --write-card and select's distances, under CUDA autocast."""
+    import shutil
+
+    train, test = digits_folders
+    card_path = tmp_path / "t" / "model.yaml"
+    card_path.parent.mkdir()
+    shutil.copy(digits_teacher, card_path)
+    shutil.copy(load_card(digits_teacher).weights, card_path.parent / load_card(digits_teacher).weights.name)
+    evaluate(card_path, train, device="cuda", workers=2, write_card=True)
+    card = load_card(card_path)
+    gpu = select_pool(card, test, tmp_path / "gpu", num_images="auto", dedup="off", device="cuda", workers=2)
+    cpu = select_pool(card, test, tmp_path / "cpu", num_images="auto", dedup="off", device="cpu", amp=False, workers=0)
+    assert gpu.estimate.method == cpu.estimate.method == "mahalanobis"
+    assert abs(gpu.estimate.count - cpu.estimate.count) <= 0.02 * cpu.estimate.scored, (gpu.estimate, cpu.estimate)

@@ -153,7 +153,8 @@ def _score_rows(teacher: Teacher, score: str, seed: int, distance: bool):
     nan = float("nan")
 
     def rows(out: torch.Tensor, labels, paths: list[str], errors: list[str]) -> list[tuple]:
-        logits, thumbs, dist = out[:, :-extra], out[:, -THUMB * THUMB:], out[:, -extra].tolist()
+        logits, thumbs = out[:, :-extra], out[:, -THUMB * THUMB:]
+        dist = out[:, -extra].tolist() if distance else [nan] * len(out)
         if logits.shape[1] != k:
             raise DfkdError(f"{teacher.card.path}: model outputs {logits.shape[1]} classes, card says {k}")
         conf, label = torch.softmax(logits, 1).max(1)
