@@ -445,8 +445,8 @@ def pu_train(
     unlabeled: Path = UNLABELED,
     out: Path = typer.Option(..., help="Run directory (pu.yaml, metrics.jsonl, checkpoints/)."),
     prior: Optional[str] = typer.Option(None, help="Class prior: the share of the pool that is positive"
-                                                   " (nnpu.prior; required), or auto: estimated from the"
-                                                   " positives and the pool (best bin estimation)."),
+                                                   " (nnpu.prior), if you know it; default auto: estimated"
+                                                   " from the positives and the pool (best bin estimation)."),
     backbone: Optional[str] = typer.Option(None, help="Backbone arch instead of the teacher's (random init;"
                                                       " model.backbone)."),
     taps: Optional[str] = typer.Option(None, help="Comma-separated backbone modules to tap (default: the stages;"
@@ -472,12 +472,13 @@ def pu_train(
 ) -> None:
     """Train the PU classifier (nnPU risk, multi-scale SE features) of PU Compression."""
     from .config import resolve_config
-    from .pu.train import default_config, pu_train as run_pu
+    from .pu.train import default_config, pu_train as run_pu, with_prior
 
     cfg = resolve_config(default_config(), config, set_, _loop_flags(
         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, amp=amp, seed=seed, positive_share=positive_share,
         **{"nnpu.prior": _prior(prior), "nnpu.beta": beta, "nnpu.gamma": gamma, "model.backbone": backbone,
            "model.taps": taps, "model.reduction": reduction}), command="pu-train")
+    cfg["nnpu"] = with_prior(cfg["nnpu"])  # shown as it runs
     card = _card(teacher)
     from .cards import input_record
 

@@ -2,11 +2,11 @@
 # PU Compression ("Positive-Unlabeled Compression on the Cloud", NeurIPS 2019):
 # pu-train -> expand -> distill (robust KD) -> eval.
 #
+#   pipelines/pu.sh TEACHER_CARD POSITIVES POOL OUT [TEST_DIR]   (the prior estimated: no number to guess)
 #   PRIOR=0.2 pipelines/pu.sh TEACHER_CARD POSITIVES POOL OUT [TEST_DIR]
-#   PRIOR=auto pipelines/pu.sh TEACHER_CARD POSITIVES POOL OUT [TEST_DIR]   (no number to guess)
 #
-# Environment: PRIOR (required: the share of the pool that looks like the positives, or auto when you
-# do not know it: estimated from the positives and the pool, printed and kept in the PU card),
+# Environment: PRIOR (the share of the pool that looks like the positives, if you know it; default auto:
+# estimated from the positives and the pool, printed and kept in the PU card),
 # STUDENT (default resnet8), CONFIG (distill YAML, default pipelines/configs/pu-default.yaml),
 # EPOCHS or STEPS (distill epochs or steps, override the config), PU_EPOCHS (default 10), SEED (default 0),
 # REPEAT_POSITIVE (default 1), PU_ARGS / EXPAND_ARGS / DISTILL_ARGS (extra flags).
@@ -16,7 +16,8 @@
 # differs: use another OUT, or add --overwrite to that step's *_ARGS.
 # stdout: the student card's path.
 set -euo pipefail
-[ $# -ge 4 ] && [ -n "${PRIOR:-}" ] || { sed -n '2,17p' "$0" >&2; exit 2; }
+[ $# -ge 4 ] || { sed -n '2,17p' "$0" >&2; exit 2; }
+PRIOR=${PRIOR:-auto}
 teacher=$1 positives=$2 pool=$3 out=$4 test=${5:-}
 here=$(cd "$(dirname "$0")" && pwd)
 STUDENT=${STUDENT:-resnet8} SEED=${SEED:-0} PU_EPOCHS=${PU_EPOCHS:-10}

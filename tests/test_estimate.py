@@ -236,7 +236,7 @@ def test_report_shows_the_auto_estimate_and_its_cut(tmp_path, digits_folders, di
 
 @pytest.mark.slow
 def test_pipelines_run_without_a_number_to_guess(tmp_path, digits_folders, digits_teacher):
-    """pipelines/dfnd.sh (NUM's default: auto) and PRIOR=auto pipelines/pu.sh, end to end on the digits pool."""
+    """pipelines/dfnd.sh and pipelines/pu.sh with their defaults (NUM and PRIOR: auto), end to end on the digits pool."""
     import os
     import subprocess
     import sys
@@ -254,7 +254,7 @@ def test_pipelines_run_without_a_number_to_guess(tmp_path, digits_folders, digit
     assert summary["selected"] == summary["in_distribution"]["count"] > 0 and Path(out.stdout.strip()).is_file()
     pos, upool, _ = pu_data(tmp_path / "pu-data", train)
     out = subprocess.run(["bash", str(root / "pipelines/pu.sh"), str(digits_teacher), str(pos), str(upool),
-                          str(tmp_path / "pu")], env={**env, "PRIOR": "auto", "PU_ARGS": "--steps 2 --workers 0",
+                          str(tmp_path / "pu")], env={**env, "PU_ARGS": "--steps 2 --workers 0",
                                                       "EXPAND_ARGS": "--workers 0"}, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     pu = load_card(tmp_path / "pu" / "pu" / "pu.yaml").extra["pu"]

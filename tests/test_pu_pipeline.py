@@ -147,8 +147,11 @@ def test_pu_config_sections_layer_and_bad_values_name_the_flag(tmp_path):
     c.check()
     assert (c.batch_size, c.optimizer, c.lr, c.positive_share) == (4096, "sgd", 0.001, 0.0)
     assert c.nnpu == {"prior": 0.2, "beta": 0.1, "gamma": 1.0}
-    with pytest.raises(DfkdError, match="--prior is required"):
-        PuConfig().check()
+    default = PuConfig()
+    default.check()  # the prior's default: auto, estimated in the run
+    assert default.nnpu["prior"] == "auto"
+    with pytest.raises(DfkdError, match="--prior 'often': expected a number in"):
+        PuConfig(nnpu={"prior": "often"}).check()
     with pytest.raises(DfkdError, match="nnpu.priors"):
         resolve_config(default_config(), None, ["nnpu.priors=0.2"])
     with pytest.raises(DfkdError, match="section 'model' has no key 'tap'"):

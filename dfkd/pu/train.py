@@ -65,7 +65,12 @@ def build_pu_model(backbone_arch: str, num_classes: int, card_input, taps: list[
     return MultiScaleSE(backbone, taps or default_taps(backbone, shape), reduction, shape)
 
 
-NNPU_DEFAULTS = {"prior": None, "beta": 0.0, "gamma": 1.0}
+NNPU_DEFAULTS = {"prior": None, "beta": 0.0, "gamma": 1.0}  # prior None (a number or auto may replace it): auto
+
+
+def with_prior(nnpu: dict) -> dict:
+    """The nnpu section with its prior's default filled in: ``auto``, estimated in the run."""
+    return {**nnpu, "prior": "auto" if nnpu.get("prior") is None else nnpu["prior"]}
 MODEL_DEFAULTS = {"backbone": None, "taps": None, "reduction": 16}
 
 
@@ -94,10 +99,8 @@ class PuConfig(LoopConfig):
 
     def check(self) -> None:
         super().check()
+        self.nnpu = with_prior(self.nnpu)
         prior = self.nnpu["prior"]
-        if prior is None:
-            raise DfkdError("--prior is required: the share of the pool that is positive, or auto to estimate it"
-                            " (or nnpu.prior in --config)")
         if prior != "auto" and (isinstance(prior, bool) or not isinstance(prior, (int, float))):
             raise DfkdError(f"--prior {prior!r}: expected a number in (0, 1) or auto")
         nnpu_risk(torch.zeros(1), torch.zeros(1), 0.5 if prior == "auto" else prior, self.nnpu["beta"],
