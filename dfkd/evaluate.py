@@ -16,7 +16,7 @@ from .engine import stream
 from .errors import DfkdError
 from .images import open_labeled
 from .lifecycle import Command, Input, Run, card_inputs
-from .models.features import FeatureTap, classifier_layer, features_readable
+from .models.features import FeatureTap, features_readable
 from .pool import data_digest
 from .runtime import setup
 from .select.estimate import noise_summary
@@ -64,7 +64,7 @@ def evaluate(card: CardLike, data: str | Path, out: str | Path | None = None, *,
         raise DfkdError(f"--data {data}: label {bad[0]} is outside the model's {k} classes")
     teacher = load_teacher(card, rt.device)
     tap = FeatureTap(teacher.model, str(card.path)) if write_card and features_readable(teacher.model) else None
-    dim = classifier_layer(teacher.model).in_features if tap else 0
+    dim = tap.layer.in_features if tap else 0
 
     def with_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([model(x).float(), tap.value.float()], 1)
@@ -85,8 +85,8 @@ def evaluate(card: CardLike, data: str | Path, out: str | Path | None = None, *,
         fit = ReferenceFit(k) if tap else None
         for got in stream(teacher.model, card.input, lambda: iter(index.rows), len(index), rows, rt,
                           batch_size=batch_size, forward=with_features if tap else None):
-            good = [r for r in got if not r[5]]
-            for pred, hit, y, v, path, error, _ in got:
+            features, classes = [], []
+            for pred, hit, y, v, path, error, f in got:
                 if error:
                     skipped.append({"path": path, "reason": error})
                     continue
@@ -94,8 +94,10 @@ def evaluate(card: CardLike, data: str | Path, out: str | Path | None = None, *,
                 noise.append(v)
                 top5_hits += hit
                 n += 1
-            if fit and good:
-                fit.add(np.stack([r[6] for r in good]), np.array([r[2] for r in good]))
+                features.append(f)
+                classes.append(y)
+            if fit and classes:
+                fit.add(np.stack(features), np.array(classes))
             done += len(got)
             run.progress(done, len(index))
 

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 
 from dfkd.cards import load_card
-from dfkd.select.estimate import estimate_in_distribution
+from dfkd.select.estimate import MAHALANOBIS, NOISE_VALUE, estimate_in_distribution
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from truth import read  # noqa: E402  (an index's rows, paths resolved)
@@ -42,12 +42,13 @@ def main(select_run, truth_path, card_path, out):
                 f.write("path\n" + "".join(scored[i]["path"] + "\n" for i in rows))
         line = {"pool": name, "images": len(rows), "true_count": int(is_in[rows].sum()),
                 "true_share": round(float(is_in[rows].mean()), 4)}
-        methods = [("card", "score", "noise value", card.extra.get("noise_values")), ("mixture", "score", "", None)]
+        methods = [("card", "score", NOISE_VALUE, card.extra.get("noise_values")),
+                   ("mixture", "score", NOISE_VALUE, None)]
         if "distance" in scored[0] and card.extra.get("mahalanobis"):
-            methods.insert(0, ("mahalanobis", "distance", "Mahalanobis distance", card.extra["mahalanobis"]))
+            methods.insert(0, ("mahalanobis", "distance", MAHALANOBIS, card.extra["mahalanobis"]))
         for method, column, measure, ref in methods:
             pairs = [(int(scored[i]["label"]), float(scored[i][column])) for i in rows]
-            e = estimate_in_distribution(iter(pairs), card.num_classes, ref, str(card_path), measure or "noise value")
+            e = estimate_in_distribution(iter(pairs), card.num_classes, ref, str(card_path), measure)
             line[method] = {"count": e.count, "share": round(e.share, 4), "range": [e.low, e.high]}
         print(json.dumps(line))
 

@@ -14,7 +14,7 @@ from dfkd.errors import DfkdError
 from dfkd.evaluate import evaluate
 from dfkd.index import read_index
 from dfkd.select import mahalanobis, merge_shards, select_pool
-from dfkd.select.estimate import LEVELS, estimate_in_distribution
+from dfkd.select.estimate import LEVELS, MAHALANOBIS, estimate_in_distribution
 from dfkd.select.mahalanobis import SHRINK, ClassGaussians, ReferenceFit
 
 from test_distill import wild_pool
@@ -93,7 +93,7 @@ def test_the_distance_finds_foreign_points_the_noise_value_cannot():
     pool = np.concatenate([x[3000:], foreign])
     labels = np.concatenate([y[3000:], g.integers(0, 3, 4000)])
     d = gaussians.distance(torch.from_numpy(pool)).numpy()
-    e = estimate_in_distribution(zip(labels.tolist(), d.tolist()), 3, summary, "card.yaml", "Mahalanobis distance")
+    e = estimate_in_distribution(zip(labels.tolist(), d.tolist()), 3, summary, "card.yaml", MAHALANOBIS)
     assert e.method == "mahalanobis" and 3000 <= e.count < 1.05 * 3000, e
     assert e.low <= e.count <= e.high and sum(e.class_counts) == e.count
 

@@ -66,12 +66,12 @@ def build_pu_model(backbone_arch: str, num_classes: int, card_input, taps: list[
 
 
 NNPU_DEFAULTS = {"prior": None, "beta": 0.0, "gamma": 1.0}  # prior None (a number or auto may replace it): auto
+MODEL_DEFAULTS = {"backbone": None, "taps": None, "reduction": 16}
 
 
 def with_prior(nnpu: dict) -> dict:
     """The nnpu section with its prior's default filled in: ``auto``, estimated in the run."""
     return {**nnpu, "prior": "auto" if nnpu.get("prior") is None else nnpu["prior"]}
-MODEL_DEFAULTS = {"backbone": None, "taps": None, "reduction": 16}
 
 
 @dataclass

@@ -48,6 +48,20 @@ def noise_summary(values: np.ndarray) -> dict | None:
             "quantiles": [float(f"{x:.6g}") for x in np.quantile(values, LEVELS)]}
 
 
+@dataclass(frozen=True)
+class Measure:
+    """What the pool's rows are compared by: its ``name`` in messages, the card ``key`` holding its
+    quantiles on labeled data, and the ``method`` an estimate against them is reported as."""
+
+    name: str
+    key: str
+    method: str
+
+
+NOISE_VALUE = Measure("noise value", "noise_values", "card")
+MAHALANOBIS = Measure("Mahalanobis distance", "mahalanobis", "mahalanobis")
+
+
 @dataclass
 class InDistribution:
     """The estimate: ``count`` pool images in-distribution (``low``..``high``) of ``scored``,
@@ -71,13 +85,13 @@ class InDistribution:
 
 def estimate_in_distribution(rows: Iterable[tuple[int, float]], num_classes: int,
                              reference: dict | None = None, source: str = "the teacher card",
-                             measure: str = "noise value") -> InDistribution:
+                             measure: Measure = NOISE_VALUE) -> InDistribution:
     """The in-distribution count of the pool's (predicted class, value) ``rows``: by BBE against
     ``reference`` (the quantiles of the same ``measure`` on labeled data: a card's ``noise_values``,
     or its ``mahalanobis`` with the rows' distances) when given, else by the two-component mixture
     of the noise values."""
     if reference is not None:
-        _check_reference(reference, source, "noise_values" if measure == "noise value" else "mahalanobis")
+        _check_reference(reference, source, measure.key)
     n = np.zeros(num_classes, dtype=np.int64)
     below = np.zeros((num_classes, len(LEVELS)), dtype=np.int64)  # pool images with V <= each quantile
     hist = np.zeros((num_classes, BINS), dtype=np.int64)
@@ -96,7 +110,7 @@ def estimate_in_distribution(rows: Iterable[tuple[int, float]], num_classes: int
     if total == 0:
         raise DfkdError(f"{FLAG}: the pool has no scored image to estimate from")
     if hi - lo <= 0:
-        raise DfkdError(f"{FLAG}: every pool image has the same {measure} ({lo:.4g}), so nothing tells"
+        raise DfkdError(f"{FLAG}: every pool image has the same {measure.name} ({lo:.4g}), so nothing tells"
                         " in-distribution images from the others; give --num-images N")
     if thresholds is not None:
         return _by_card(n, below, reference, source, measure)
@@ -130,14 +144,14 @@ def _check_reference(ref: dict, source: str, key: str) -> None:
         raise DfkdError(f"{source}: {key} is not what dfkd eval --write-card writes; write it again")
 
 
-def _by_card(n: np.ndarray, below: np.ndarray, ref: dict, source: str, measure: str) -> InDistribution:
+def _by_card(n: np.ndarray, below: np.ndarray, ref: dict, source: str, measure: Measure) -> InDistribution:
     total = int(n.sum())
     est = best_bin_estimate(np.array(LEVELS), below.sum(0) / total, int(ref["images"]), total)
     counts = np.minimum(np.round(below[:, est.bin] / est.component_share), n).astype(np.int64)
     count = int(counts.sum())  # = alpha · total, but for rounding
     return InDistribution(count, min(count, math.floor(est.low * total)), max(count, math.ceil(est.high * total)),
-                          total, "card" if measure == "noise value" else "mahalanobis", counts.tolist(),
-                          f"best bin estimation against the {measure}s of {ref['images']} labeled images in"
+                          total, measure.method, counts.tolist(),
+                          f"best bin estimation against the {measure.name}s of {ref['images']} labeled images in"
                           f" {source} (bin: the {est.component_share:g} quantile)")
 
 

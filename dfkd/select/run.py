@@ -35,7 +35,7 @@ from ..teacher import Teacher, load_teacher
 from .candidates import (SLACK, THUMB, Look, check_dedup, digests_of, drop_duplicates, teacher_look, thumb_array,
                          thumb_text, thumbnail)
 from .dedup import NEAR_DUPLICATE_COSINE
-from .estimate import InDistribution, estimate_in_distribution
+from .estimate import MAHALANOBIS, NOISE_VALUE, InDistribution, Measure, estimate_in_distribution
 from .mahalanobis import ClassGaussians
 from .policies import POLICIES, StreamingChoice
 from .scores import SCORERS
@@ -54,7 +54,7 @@ class Reference:
 
     quantiles: dict | None
     source: str
-    measure: str = "noise value"
+    measure: Measure = NOISE_VALUE
     gaussians: ClassGaussians | None = None
 
 
@@ -306,7 +306,7 @@ def _reference(cards: Sequence[ModelCard], distances: bool, load: bool = True) -
         return Reference(None, source)
     if distances and card.mahalanobis:
         fit = ClassGaussians.load(card.mahalanobis, card.num_classes, source) if load else None
-        return Reference(card.extra["mahalanobis"], source, "Mahalanobis distance", fit)
+        return Reference(card.extra["mahalanobis"], source, MAHALANOBIS, fit)
     return Reference(card.extra.get("noise_values"), source)
 
 
@@ -332,7 +332,7 @@ def finish(run: Run, segments: list[Segment], card: ModelCard, budget: Budget | 
     budget = budget or Budget()
     estimate = None
     reference = reference or Reference(None, str(card.path))
-    distances = reference.measure != "noise value"
+    distances = reference.measure is MAHALANOBIS
     if budget.num == "auto":
         column = 5 if distances else 1
         estimate = estimate_in_distribution(((r[0], r[column]) for s in segments for r in s.rows if not r[3]),
