@@ -7,6 +7,7 @@ launcher there is one rank and every collective is a no-op.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -84,9 +85,11 @@ def join(device_name: str) -> tuple[Ranks, torch.device | None]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device)
+        atexit.register(leave)  # a library caller's process too: gloo torn down at interpreter exit can abort
     return Ranks(rank, world, local), device
 
 
 def leave() -> None:
+    """Leave the group (the CLI when a command ends; at exit for every process that joined)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
